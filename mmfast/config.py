@@ -1,6 +1,7 @@
 """Model configurations: one frozen dataclass per model family, named presets in one dict.
 
-A config describes the architecture only (no weights, no file paths). Loaders infer it from the
+A config describes the architecture only (no weights, no file paths, no preprocessing: that is
+`mmfast.preprocess.ImagePreprocessor`, read from the same checkpoint directory). Loaders infer it from the
 checkpoint files; presets exist for bare state dicts and for building random-init models.
 """
 from __future__ import annotations
@@ -51,9 +52,6 @@ class ClipConfig:
     # configs without "-quickgelu" use exact erf GELU. Using the wrong one silently changes outputs.
     act: str = "gelu"
     layer_norm_eps: float = 1e-5
-    # Preprocessing the weights were trained with (OpenAI's statistics unless a config says otherwise).
-    image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
-    image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
 
     def replace(self, **changes) -> "ClipConfig":
         return dataclasses.replace(self, **changes)

@@ -1,0 +1,1 @@
+"""Engines that run a model's towers besides eager PyTorch (same inputs, same outputs)."""

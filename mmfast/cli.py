@@ -1,0 +1,112 @@
+"""`mmfast ...` / `python -m mmfast ...`: info, classify, embed."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _load(args):
+    from .clip import load_clip
+    return load_clip(args.checkpoint, name=args.name, device=args.device, dtype=args.dtype)
+
+
+def _info(args) -> None:
+    import torch
+
+    from . import __version__, kernels
+    from .quantize import cpu_flags
+    out = {"mmfast": __version__, "torch": torch.__version__,
+           "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+           "cpu_threads": torch.get_num_threads(),
+           "cpu_features": sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx_vnni"))),
+           "cpu_kernels": kernels.backend_for(torch.zeros(1))}
+    if args.checkpoint:
+        clip = _load(args)
+        cfg = clip.config
+        out["model"] = {"repr": repr(clip), "dtype": clip.dtype, "embed_dim": cfg.embed_dim,
+                        "image_size": cfg.vision.image_size, "context_length": cfg.text.context_length,
+                        "act": cfg.act, "text_pool": cfg.text.pool,
+                        "parameters": sum(p.numel() for p in clip.model.parameters())}
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+
+
+def _classify(args) -> None:
+    labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+    if not labels:
+        sys.exit("mmfast classify: --labels is empty; pass comma-separated class names, e.g. --labels cat,dog")
+    clip = _load(args)
+    probs = clip.classify([str(p) for p in args.images], labels, templates=args.template or ["a photo of a {}."])
+    k = min(args.top, len(labels))
+    rows = []
+    for path, p in zip(args.images, probs):
+        top = p.topk(k)
+        rows.append({"image": str(path), "top": [{"label": labels[i], "prob": round(float(v), 6)}
+                                                  for v, i in zip(top.values, top.indices)]})
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        for r in rows:
+            print(r["image"] + ": " + ", ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"]))
+
+
+def _embed(args) -> None:
+    if bool(args.images) == bool(args.texts or args.texts_file):
+        sys.exit("mmfast embed: pass either --images or --texts/--texts-file (exactly one kind)")
+    out = Path(args.output)
+    if out.suffix not in (".npy", ".safetensors"):
+        sys.exit(f"mmfast embed: --output {out} must end in .npy or .safetensors")
+    texts = list(args.texts or [])
+    if args.texts_file:
+        texts += [line for line in Path(args.texts_file).read_text(encoding="utf-8").splitlines() if line]
+    clip = _load(args)
+    emb = clip.encode_images([str(p) for p in args.images]) if args.images else clip.encode_texts(texts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, emb.numpy())
+    else:
+        from safetensors.torch import save_file
+        meta = {"model": str(args.checkpoint), "kind": "image" if args.images else "text",
+                "normalized": "true", "dtype_mode": clip.dtype}
+        save_file({"embeddings": emb.contiguous()}, str(out), metadata=meta)
+    print(f"wrote {tuple(emb.shape)} float32 embeddings to {out}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="mmfast", description="Fast multimodal inference (CLIP).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def model_args(p, required=True):
+        p.add_argument("checkpoint", nargs=None if required else "?",
+                       help="open_clip dir, Hugging Face dir, OpenAI .pt, or state dict file")
+        p.add_argument("--name", help="preset for bare state dicts, e.g. ViT-B-32")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
+
+    p = sub.add_parser("info", help="machine, kernels and (optionally) model summary")
+    model_args(p, required=False)
+    p.set_defaults(fn=_info)
+    p = sub.add_parser("classify", help="zero-shot classify images against labels")
+    model_args(p)
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--labels", required=True, help="comma-separated class names")
+    p.add_argument("--template", action="append", help="prompt template with {} (repeatable)")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_classify)
+    p = sub.add_parser("embed", help="write L2-normalised embeddings of images or texts")
+    model_args(p)
+    p.add_argument("--images", nargs="+", type=Path)
+    p.add_argument("--texts", nargs="+")
+    p.add_argument("--texts-file", help="UTF-8 file, one text per line")
+    p.add_argument("-o", "--output", required=True, help="out.npy or out.safetensors")
+    p.set_defaults(fn=_embed)
+
+    args = ap.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:  # user errors: one clear line, exit 2
+        sys.exit(f"mmfast {args.cmd}: error: {e}")
