@@ -59,7 +59,7 @@ def load_clip(path, *, name: str | None = None, device="auto", dtype="auto", bac
     load_into(model, sd, str(path))
     p = Path(path)
     tokenizer = None
-    if p.is_dir() and (p / "vocab.json").exists() and (p / "merges.txt").exists():
+    if p.is_dir() and ((p / "tokenizer.json").exists() or (p / "vocab.json").exists()):
         tokenizer = ClipTokenizer.from_hf_dir(p)
     return Clip(model, device=device, dtype=dtype, tokenizer=tokenizer, backend=backend,
                 preprocessor=_preprocessor_for(p, cfg))
@@ -146,19 +146,24 @@ class Clip:
     def encode_images(self, images, *, batch_size: int = 32, normalize: bool = True) -> torch.Tensor:
         """Images -> [N, embed_dim] float32 embeddings (L2-normalised unless `normalize=False`).
 
-        `images`: a path, PIL image, uint8 HWC array, or tensor, or a list of them, or an already
-        preprocessed float tensor [N, 3, S, S] (see `Clip.preprocess`).
+        `images`: a path, PIL image, uint8 HWC array, or tensor, or a list of them (see
+        `mmfast.preprocess.ImagePreprocessor`). A float tensor [N, 3, S, S] at the model's own
+        resolution S is taken as already preprocessed (normalised) pixels.
         """
+        S = self.config.vision.image_size
         if isinstance(images, torch.Tensor) and images.is_floating_point() and images.dim() == 4 \
-                and images.shape[1] == 3 and images.shape[-1] == self.config.vision.image_size:
-            pixels = images
+                and images.shape[1] == 3 and images.shape[-2:] == (S, S):
+            chunks = (images[i:i + batch_size] for i in range(0, images.shape[0], batch_size))
+        elif isinstance(images, (list, tuple)):
+            # preprocess chunk by chunk: a long list never holds all its pixels at once
+            chunks = (self.preprocess(images[i:i + batch_size]) for i in range(0, len(images), batch_size))
         else:
             pixels = self.preprocess(images)
+            chunks = (pixels[i:i + batch_size] for i in range(0, pixels.shape[0], batch_size))
         out = []
         with torch.inference_mode():
-            for i in range(0, pixels.shape[0], batch_size):
-                chunk = pixels[i:i + batch_size].to(self.device, self._param_dtype)
-                out.append(self.model.encode_image(chunk).float())
+            for chunk in chunks:
+                out.append(self.model.encode_image(chunk.to(self.device, self._param_dtype)).float().cpu())
         emb = torch.cat(out) if out else torch.empty(0, self.config.embed_dim)
         return F.normalize(emb, dim=-1) if normalize else emb
 
