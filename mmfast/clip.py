@@ -44,7 +44,8 @@ def load_clip(path, *, name: str | None = None, device="auto", dtype="auto", bac
         bf16) / fp32 whose embeddings keep cosine >= 0.999 to fp32 on these weights.
     backend : "torch" | "onnxruntime"
         The engine that runs the towers. "onnxruntime" exports fp32 ONNX graphs once (checked
-        against PyTorch) and runs them on ORT's CPU provider; it implies dtype fp32.
+        against PyTorch) and runs them on ORT's CPU provider, in fp32 or (dtype="int8", the
+        "auto" choice on VNNI CPUs) with ORT's dynamic int8 quantization.
 
     Example
     -------
@@ -91,10 +92,12 @@ class Clip:
         self.logit_scale = float(model.logit_scale.exp().clamp(max=100))
         self.backend = backend
         if backend == "onnxruntime":
-            if dtype not in ("auto", "fp32", "float32", torch.float32) or self.device.type != "cpu":
-                raise ValueError("backend='onnxruntime' runs fp32 towers on CPU; pass dtype='fp32', device='cpu'")
+            name = {"auto": "int8" if has_vnni() else "fp32", "float32": "fp32"}.get(dtype, dtype)
+            if name not in ("fp32", "int8") or self.device.type != "cpu":
+                raise ValueError(f"backend='onnxruntime' runs on CPU in fp32 or int8; got dtype={dtype!r}, "
+                                 f"device={self.device}")
             from .backends.onnxruntime import OrtClip
-            self.dtype, self.model = "fp32", OrtClip(model)
+            self.dtype, self.model = name, OrtClip(model, int8=name == "int8")
             return
         self.dtype = self._choose_dtype(model, dtype)
         self.model = self._prepare(model, self.dtype)

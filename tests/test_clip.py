@@ -248,9 +248,12 @@ def test_onnxruntime_backend_matches_torch(tmp_path):
     save_file(ref.state_dict(), d / "open_clip_model.safetensors")
     (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}, "preprocess_cfg": {}}))
     torch_clip = mmfast.load_clip(d, dtype="fp32")
-    ort_clip = mmfast.load_clip(d, backend="onnxruntime")
+    ort_clip = mmfast.load_clip(d, backend="onnxruntime", dtype="fp32")
     x = _pixels(3, 64)
     torch.testing.assert_close(ort_clip.encode_images(x), torch_clip.encode_images(x), atol=1e-5, rtol=0)
     torch.testing.assert_close(ort_clip.encode_texts(TEXTS), torch_clip.encode_texts(TEXTS), atol=1e-5, rtol=0)
+    ort_int8 = mmfast.load_clip(d, backend="onnxruntime", dtype="int8")
+    assert F.cosine_similarity(ort_int8.encode_images(x), torch_clip.encode_images(x)).min() >= 0.999
+    assert F.cosine_similarity(ort_int8.encode_texts(TEXTS), torch_clip.encode_texts(TEXTS)).min() >= 0.999
     with pytest.raises(ValueError, match="backend"):
         mmfast.load_clip(d, backend="tensorrt")

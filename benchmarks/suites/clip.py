@@ -60,6 +60,7 @@ def cases(args):
                                                  open_clip.get_model_config(ARCH))
     fast = mmfast.load_clip(tmp)                # dtype="auto"
     fast32 = mmfast.load_clip(tmp, dtype="fp32")
+    fast_ort = mmfast.load_clip(tmp, backend="onnxruntime", dtype="int8")
     ort_img = _ort_session(ref, tmp)
     v = fast.config.vision
     img_flops = vit_flops(None, v.tokens, v.width, v.layers, v.mlp_dim) + 2 * v.grid ** 2 * 3 * v.patch_size ** 2 * v.width
@@ -92,6 +93,8 @@ def cases(args):
             Provider("mmfast fp32", lambda: fast32.encode_images(x), "fp32", cos(lambda: fast32.encode_images(x))),
             Provider(f"mmfast auto ({fast.dtype})", lambda: fast.encode_images(x), fast.dtype,
                      cos(lambda: fast.encode_images(x))),
+            Provider("mmfast onnxruntime int8", lambda: fast_ort.encode_images(x), "int8",
+                     cos(lambda: fast_ort.encode_images(x))),
         ]
         yield Case("clip.encode_images", f"{ARCH} B={B}", providers, baseline="open_clip eager fp32",
                    items=B, flops=B * img_flops)
@@ -121,6 +124,8 @@ def cases(args):
             Provider("mmfast fp32", lambda: fast32.encode_texts(texts), "fp32", cos_t(lambda: fast32.encode_texts(texts))),
             Provider(f"mmfast auto ({fast.dtype})", lambda: fast.encode_texts(texts), fast.dtype,
                      cos_t(lambda: fast.encode_texts(texts))),
+            Provider("mmfast onnxruntime int8", lambda: fast_ort.encode_texts(texts), "int8",
+                     cos_t(lambda: fast_ort.encode_texts(texts))),
         ]
         yield Case("clip.encode_texts", f"{ARCH} B={B} ({used} of {t.context_length} tokens used)",
                    providers, baseline="open_clip eager fp32", items=B,

@@ -10,14 +10,24 @@ from mmfast.export.onnx import export_clip, ort_sessions
 
 
 class OrtClip:
-    """Exports an fp32 CLIP once (to `cache_dir`, default a temp dir) and runs it with ORT."""
+    """Exports an fp32 CLIP once (to `cache_dir`, default a temp dir) and runs it with ORT.
 
-    def __init__(self, model, cache_dir=None):
+    `int8=True` then rewrites both graphs with ORT's dynamic quantization (int8 per-channel
+    weights, activations quantized per call: MatMulInteger on MLAS's VNNI kernels).
+    """
+
+    def __init__(self, model, cache_dir=None, int8: bool = False):
         self.cfg = model.cfg
         self._pool = model.pool_positions
         self.logit_scale = model.logit_scale
         out = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="mmfast-onnx-"))
         self.paths = export_clip(model, out)
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+            for k, p in list(self.paths.items()):
+                q = p.with_name(p.stem + "_int8.onnx")
+                quantize_dynamic(str(p), str(q), weight_type=QuantType.QInt8, per_channel=True)
+                self.paths[k] = q
         self.sessions = ort_sessions(self.paths)
 
     def pool_positions(self, ids: torch.Tensor) -> torch.Tensor:
