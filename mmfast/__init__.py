@@ -3,5 +3,6 @@ __version__ = "0.1.0"
 
 from .clip import Clip, load_clip  # noqa: E402
 from .config import ClipConfig, clip_preset  # noqa: E402
+from .index import SimilarityIndex  # noqa: E402
 
-__all__ = ["Clip", "ClipConfig", "clip_preset", "load_clip", "__version__"]
+__all__ = ["Clip", "ClipConfig", "SimilarityIndex", "clip_preset", "load_clip", "__version__"]

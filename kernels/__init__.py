@@ -1,0 +1,278 @@
+"""mmfast.kernels — the only dispatcher of the fused ops.
+
+Every op has three implementations with one name: the PyTorch reference (`ref.<op>_ref`), a
+Triton kernel (`<op>.py`, used for CUDA tensors) and a C++ kernel (`cpu/<op>.cpp`, in
+`mmfast._C`, used for CPU tensors). Models call the functions below and never import Triton or
+`_C` themselves. `MMFAST_KERNELS=ref` forces the reference everywhere (debugging, bisecting).
+
+Inputs are validated here, at the public boundary; the implementations only assert.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import ref
+
+try:  # the compiled CPU kernels; absent only in a source tree that was never built
+    from mmfast import _C
+except ImportError:  # pragma: no cover - exercised only on broken installs
+    _C = None
+
+__all__ = ["similarity_topk", "similarity", "nearest_code", "backend_for"]
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """Which implementation serves tensors on `t`'s device: "triton", "cpu" or "ref"."""
+    forced = os.environ.get("MMFAST_KERNELS", "")
+    if forced == "ref":
+        return "ref"
+    if t.is_cuda:
+        return "triton"
+    if t.device.type == "cpu" and _C is not None:
+        return "cpu"
+    return "ref"
+
+
+# ---- similarity (fused L2-normalize + dot + scale (+ top-k)) -------------------------------------
+_GALLERY_KINDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "int8"}
+
+
+def _check_similarity(fn, queries, gallery, scale, gallery_scale):
+    """Validate at the boundary; returns the logit scale as a float (or None)."""
+    for name, t, rows in (("queries", queries, "Q"), ("gallery", gallery, "N")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}; "
+                            "wrap it with torch.as_tensor(...)")
+        if t.dim() != 2:
+            raise ValueError(f"{fn}: {name} must be 2-D [{rows}, D], got shape {tuple(t.shape)}; "
+                             "use x[None] for a single vector")
+    if queries.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{fn}: queries must be float32, float16 or bfloat16, got {queries.dtype}")
+    if gallery.dtype not in _GALLERY_KINDS:
+        raise TypeError(f"{fn}: gallery must be float32, float16, bfloat16 or int8 (with "
+                        f"gallery_scale), got {gallery.dtype}")
+    if queries.device != gallery.device:
+        raise ValueError(f"{fn}: queries are on {queries.device} but the gallery is on "
+                         f"{gallery.device}; move the queries with .to({str(gallery.device)!r})")
+    if queries.shape[1] != gallery.shape[1] or gallery.shape[1] == 0:
+        raise ValueError(f"{fn}: queries have D={queries.shape[1]} but the gallery has "
+                         f"D={gallery.shape[1]}; both must share one embedding dimension > 0")
+    if gallery.shape[0] == 0:
+        raise ValueError(f"{fn}: the gallery is empty (shape {tuple(gallery.shape)}); add vectors first")
+    if gallery.dtype == torch.int8:
+        if not isinstance(gallery_scale, torch.Tensor) or gallery_scale.shape != (gallery.shape[0],) \
+                or gallery_scale.dtype != torch.float32 or gallery_scale.device != gallery.device:
+            got = tuple(gallery_scale.shape) if isinstance(gallery_scale, torch.Tensor) else gallery_scale
+            raise ValueError(f"{fn}: an int8 gallery needs gallery_scale, a float32 tensor of shape "
+                             f"({gallery.shape[0]},) on {gallery.device} (row = int8 values * scale); got {got}")
+    elif gallery_scale is not None:
+        raise ValueError(f"{fn}: gallery_scale is only for int8 galleries, got a {gallery.dtype} gallery")
+    if not bool(torch.isfinite(queries).all()):
+        raise ValueError(f"{fn}: queries contain NaN or inf; drop or fix those rows first")
+    if scale is not None:
+        scale = float(scale)  # also takes CLIP's 0-d logit_scale tensor
+        if scale != scale or scale in (float("inf"), float("-inf")):
+            raise ValueError(f"{fn}: scale must be finite, got {scale}")
+    return scale
+
+
+def _prepared_queries(queries, scale, normalize):
+    """[Q, D] float32 contiguous: L2-normalised (a zero query stays zero) and scaled, so that the
+    kernels' top-k of q . g is the top-k of the scaled scores whatever the sign of `scale`."""
+    q = queries.float()
+    if normalize:
+        q = torch.nn.functional.normalize(q, dim=-1)
+    if scale is not None:
+        q = q * scale
+    return q.contiguous()
+
+
+def _cpu_views(q, gallery, gallery_scale):
+    """numpy views for mmfast._C (no copies): 16-bit galleries travel as int16 bit patterns."""
+    g = gallery.detach()
+    if g.stride(1) != 1:
+        g = g.contiguous()  # the kernels need unit stride along D (any row stride is fine)
+    g = g.view(torch.int16) if g.dtype in (torch.float16, torch.bfloat16) else g
+    s = None if gallery_scale is None else gallery_scale.detach().contiguous().numpy()
+    return q.detach().numpy(), g.numpy(), _GALLERY_KINDS[gallery.dtype], s
+
+
+def _triton_similarity():
+    """kernels/similarity.py, imported on first use (it needs triton)."""
+    import importlib
+
+    global similarity
+    op = similarity
+    mod = importlib.import_module(f"{__name__}.similarity")
+    similarity = op  # importing a submodule binds it on the package, over the op of the same name
+    return mod
+
+
+def similarity_topk(queries, gallery, k, *, scale=None, normalize_queries=True, gallery_scale=None):
+    """Exact top-k cosine similarity of each query against a gallery, without the [Q, N] matrix.
+
+    Parameters
+    ----------
+    queries : Tensor [Q, D], float32 / float16 / bfloat16. L2-normalised here (unless
+        ``normalize_queries=False``); a zero query scores 0 against every row. NaN/inf -> ValueError.
+    gallery : Tensor [N, D], float32 / float16 / bfloat16, or int8 with ``gallery_scale``; rows are
+        expected to be unit-norm already (``mmfast.SimilarityIndex`` stores them so). Same device.
+        A row holding NaN scores -inf (ranks last).
+    k : int, 1 <= k <= N.
+    scale : optional float (e.g. CLIP's ``logit_scale.exp()``) multiplying every score.
+    gallery_scale : Tensor [N] float32, int8 galleries only: row i is ``gallery[i] * gallery_scale[i]``.
+
+    Returns
+    -------
+    (scores [Q, k] float32, ids [Q, k] int64), best first; ties go to the smaller id.
+
+    Example
+    -------
+    >>> scores, ids = similarity_topk(text_emb, image_emb.half(), k=5, scale=100.0)
+    """
+    scale = _check_similarity("similarity_topk", queries, gallery, scale, gallery_scale)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= gallery.shape[0]:
+        raise ValueError(f"similarity_topk: k must be an int in [1, {gallery.shape[0]}] (the gallery "
+                         f"size), got {k!r}; lower k or add more vectors")
+    if queries.shape[0] == 0:
+        return (torch.empty(0, k, dtype=torch.float32, device=gallery.device),
+                torch.empty(0, k, dtype=torch.int64, device=gallery.device))
+    backend = backend_for(gallery)
+    if backend == "ref":
+        return ref.similarity_topk_ref(queries, gallery, k, scale=scale, normalize_queries=normalize_queries,
+                                       gallery_scale=gallery_scale)
+    q = _prepared_queries(queries, scale, normalize_queries)
+    if backend == "triton":
+        return _triton_similarity().similarity_topk(q, gallery, k, gallery_scale=gallery_scale)
+    scores = torch.empty(q.shape[0], k, dtype=torch.float32)
+    ids = torch.empty(q.shape[0], k, dtype=torch.int64)
+    qn, gn, kind, sn = _cpu_views(q, gallery, gallery_scale)
+    _C.similarity_topk(qn, gn, kind, sn, k, scores.numpy(), ids.numpy())
+    return scores, ids
+
+
+def similarity(queries, gallery, *, scale=None, gallery_scale=None):
+    """Fused normalize(queries) @ gallery.T * scale -> [Q, N] float32, for small N (zero-shot
+    classification: N images x L label embeddings). Same inputs and rules as `similarity_topk`.
+
+    Example
+    -------
+    >>> probs = similarity(image_emb, label_emb, scale=100.0).softmax(dim=-1)
+    """
+    scale = _check_similarity("similarity", queries, gallery, scale, gallery_scale)
+    if queries.shape[0] == 0:
+        return torch.empty(0, gallery.shape[0], dtype=torch.float32, device=gallery.device)
+    backend = backend_for(gallery)
+    if backend == "ref":
+        return ref.similarity_ref(queries, gallery, scale=scale, gallery_scale=gallery_scale)
+    q = _prepared_queries(queries, scale, True)
+    if backend == "triton":
+        return _triton_similarity().similarity(q, gallery, gallery_scale=gallery_scale)
+    out = torch.empty(q.shape[0], gallery.shape[0], dtype=torch.float32)
+    qn, gn, kind, sn = _cpu_views(q, gallery, gallery_scale)
+    _C.similarity(qn, gn, kind, sn, out.numpy())
+    return out
+
+
+# ---- nearest codebook vector (fused argmin_k ||x - e_k||^2) --------------------------------------
+_CODE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_nearest_code(x, codebook, codebook_sqnorm):
+    fn = "nearest_code"
+    for name, t in (("x", x), ("codebook", codebook)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}; "
+                            "wrap it with torch.as_tensor(...)")
+    if codebook.dim() != 2:
+        raise ValueError(f"{fn}: codebook must be 2-D [K, D], got shape {tuple(codebook.shape)}; "
+                         "pass the embedding weight itself (e.g. quantize.embedding.weight)")
+    K, D = codebook.shape
+    if K == 0 or D == 0:
+        raise ValueError(f"{fn}: codebook is empty (shape {tuple(codebook.shape)}); it needs at least "
+                         "one code of dimension >= 1")
+    if K > 2**31 - 1:
+        raise ValueError(f"{fn}: codebook has {K} codes; at most 2**31 - 1 are supported")
+    if x.dim() == 0 or x.shape[-1] != D:
+        raise ValueError(f"{fn}: x must be [..., D] with D={D} (the codebook's), got shape "
+                         f"{tuple(x.shape)}; a VQGAN latent [B, D, H, W] goes in as "
+                         "z.permute(0, 2, 3, 1)")
+    for name, t in (("x", x), ("codebook", codebook)):
+        if t.dtype not in _CODE_DTYPES:
+            raise TypeError(f"{fn}: {name} must be float32, float16 or bfloat16, got {t.dtype}; "
+                            f"convert it with {name}.float()")
+    if x.dtype != codebook.dtype:
+        raise TypeError(f"{fn}: x is {x.dtype} but the codebook is {codebook.dtype}; cast x with "
+                        f"x.to({codebook.dtype}) (accumulation is fp32 either way)")
+    if x.device != codebook.device:
+        raise ValueError(f"{fn}: x is on {x.device} but the codebook is on {codebook.device}; move x "
+                         f"with x.to({str(codebook.device)!r})")
+    if codebook_sqnorm is not None:
+        if not isinstance(codebook_sqnorm, torch.Tensor):
+            raise TypeError(f"{fn}: codebook_sqnorm must be a torch.Tensor or None, got "
+                            f"{type(codebook_sqnorm).__name__}")
+        if codebook_sqnorm.shape != (K,) or codebook_sqnorm.dtype != torch.float32 \
+                or codebook_sqnorm.device != codebook.device:
+            raise ValueError(f"{fn}: codebook_sqnorm must be a float32 tensor of shape ({K},) on "
+                             f"{codebook.device}, got {codebook_sqnorm.dtype} {tuple(codebook_sqnorm.shape)} "
+                             f"on {codebook_sqnorm.device}; compute it once with "
+                             "codebook.float().pow(2).sum(1)")
+
+
+def nearest_code(x, codebook, *, codebook_sqnorm=None, return_distance=False):
+    """Index of the nearest codebook vector of every row of x (VQ-VAE / VQGAN quantization),
+    without the [M, K] distance matrix.
+
+    ``ids[...] = argmin_k ||x[..., :] - codebook[k]||^2``, computed as a running arg-max of
+    ``x . e_k - ||e_k||^2 / 2`` with fp32 accumulation for every storage dtype.
+
+    Parameters
+    ----------
+    x : Tensor [..., D], float32 / float16 / bfloat16 (e.g. a VQGAN latent as [B, H, W, D]).
+    codebook : Tensor [K, D], same dtype and device as x.
+    codebook_sqnorm : optional Tensor [K] float32, ``||e_k||^2``; a VQ model computes it once
+        instead of on every call (``codebook.float().pow(2).sum(1)``).
+    return_distance : also return ``||x - codebook[ids]||^2`` (float32, computed directly).
+
+    Returns
+    -------
+    ids : Tensor x.shape[:-1], int64. Ties go to the lowest index. A row whose squared distance
+        to its chosen code is not finite (a NaN or Inf in the row, or fp32 overflow) gets id -1
+        (an embedding lookup with it raises instead of silently using code 0); codes holding
+        NaN/Inf never win. Empty x (M = 0) gives an empty result.
+    dist : Tensor x.shape[:-1], float32 (NaN where ids is -1); only with ``return_distance``.
+
+    Example
+    -------
+    >>> ids = nearest_code(z.permute(0, 2, 3, 1), vq.embedding.weight)   # [B, H, W]
+    >>> z_q = vq.embedding(ids).permute(0, 3, 1, 2)
+    """
+    _check_nearest_code(x, codebook, codebook_sqnorm)
+    backend = backend_for(codebook)
+    if backend == "ref":
+        return ref.nearest_code_ref(x, codebook, codebook_sqnorm=codebook_sqnorm,
+                                    return_distance=return_distance)
+    D = codebook.shape[1]
+    x2 = x.detach().reshape(-1, D)                                           # (M, D)
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()  # the kernels need unit stride along D
+    e = codebook.detach()
+    e = e if e.stride(1) == 1 else e.contiguous()
+    sq = None if codebook_sqnorm is None else codebook_sqnorm.detach().contiguous()
+    if backend == "triton":
+        from . import codebook as triton_codebook  # needs triton: imported on first CUDA use
+
+        ids, dist = triton_codebook.nearest_code(x2, e, sq, return_distance)
+    else:
+        ids = torch.empty(x2.shape[0], dtype=torch.int64)
+        dist = torch.empty(x2.shape[0], dtype=torch.float32) if return_distance else None
+        if x2.shape[0]:
+            # numpy views, no copies: 16-bit storage travels as int16 bit patterns
+            as16 = x2.dtype != torch.float32
+            xn = (x2.view(torch.int16) if as16 else x2).numpy()
+            en = (e.view(torch.int16) if as16 else e).numpy()
+            _C.nearest_code(xn, en, None if sq is None else sq.numpy(), ids.numpy(),
+                            None if dist is None else dist.numpy(), str(x2.dtype).removeprefix("torch."))
+    ids = ids.reshape(x.shape[:-1])
+    return (ids, dist.reshape(x.shape[:-1])) if return_distance else ids

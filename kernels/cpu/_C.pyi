@@ -1,0 +1,31 @@
+# Type stub for mmfast._C (kernels/cpu/*.cpp). Each op documents its functions in its section.
+
+# ---- similarity (kernels/cpu/similarity.cpp) ------------------------------------------------------
+import numpy as np
+
+def similarity_topk(queries: np.ndarray, gallery: np.ndarray, kind: str, gallery_scale: np.ndarray | None,
+                    k: int, scores: np.ndarray, ids: np.ndarray) -> None:
+    """Exact top-k of queries . gallery^T, best first (ties to the smaller id, NaN scores as -inf),
+    written into scores (float32 [Q, k]) and ids (int64 [Q, k]), both C-contiguous. queries: float32
+    [Q, D] C-contiguous, already normalised and scaled. gallery: [N, D] with unit stride along D (any
+    row stride): float32, or int16 bit views of fp16/bf16, or int8; kind names the real type
+    ("fp32" | "fp16" | "bf16" | "int8"). gallery_scale: float32 [N] for int8 (row = values * scale),
+    else None. Releases the GIL. Validation with helpful messages lives in mmfast.kernels."""
+
+def similarity(queries: np.ndarray, gallery: np.ndarray, kind: str, gallery_scale: np.ndarray | None,
+               out: np.ndarray) -> None:
+    """out (float32 [Q, N], C-contiguous) = queries . gallery^T; arguments as in similarity_topk."""
+
+# ---- nearest codebook vector (kernels/cpu/codebook.cpp) -------------------------------------------
+import numpy as np
+
+def nearest_code(x: np.ndarray, codebook: np.ndarray, sqnorm: np.ndarray | None, ids: np.ndarray,
+                 dist: np.ndarray | None, dtype: str) -> None:
+    """ids[m] = argmin_k |x[m] - codebook[k]|^2, written into ids (int64 [M], contiguous) and, if
+    given, the squared distance into dist (float32 [M]). x: [M, D], codebook: [K, D], rows of unit
+    stride; float32 arrays, or int16 views of float16/bfloat16 storage with dtype naming the real
+    type ("float32" | "float16" | "bfloat16"). sqnorm: float32 [K] |e_k|^2 or None. Releases the
+    GIL. Validation with helpful messages lives in mmfast.kernels.nearest_code."""
+
+def nearest_code_temp_bytes(M: int, K: int, D: int, dtype: str) -> int:
+    """Bytes of temporaries nearest_code allocates for [M, D] x [K, D] (outputs excluded)."""

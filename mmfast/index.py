@@ -1,0 +1,210 @@
+"""SimilarityIndex: exact cosine-similarity search over stored, L2-normalised embeddings.
+
+Rows live in one growable buffer (capacity doubles, so `add` is amortised O(rows added)) in the
+storage dtype; search is `mmfast.kernels.similarity_topk` over the filled part of that buffer, a
+single pass with a fused top-k. Concurrency is snapshot-based: `search` takes a consistent view of
+(vectors, scales, ids, size) under a short lock and then runs without it (the CPU kernel releases
+the GIL), so searches from several threads run in parallel; `add` only ever writes rows past every
+published size, or into a fresh buffer it then publishes, so a running search never sees a torn row.
+
+Files are safetensors: "vectors" [N, D] in the storage dtype, "ids" [N] int64, "scale" [N] float32
+(int8 only), with dim/dtype in the metadata. `load(path, mmap=True)` keeps the vectors memory-mapped
+(safetensors' `safe_open` maps the file copy-on-write and hands out tensors over the mapping): pages
+are read when a search first touches them, so opening a gallery larger than RAM costs nothing up
+front, and the OS may drop clean pages under pressure. The first `add` after such a load copies the
+rows into an ordinary buffer.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import torch
+
+from mmfast import kernels
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+_FORMAT = "mmfast.SimilarityIndex/1"
+
+
+def _as_matrix(x, name: str, dim: int) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] != dim:
+        raise ValueError(f"{name} must have shape [n, {dim}] (this index's dim), got {tuple(x.shape)}; "
+                         "use x[None] for a single vector")
+    if not (x.is_floating_point()):
+        raise TypeError(f"{name} must be floating point (e.g. CLIP embeddings), got {x.dtype}")
+    return x.detach()
+
+
+class SimilarityIndex:
+    """Exact top-k cosine-similarity index.
+
+    Parameters
+    ----------
+    dim : int, the embedding dimension (or an [N, D] tensor / array, which is added right away).
+    dtype : "fp16" (default), "bf16", "fp32" or "int8" (per-row scale; 4x smaller than fp32).
+    device : where rows are stored and searched ("cpu": C++ kernel; "cuda": Triton kernel).
+
+    Example
+    -------
+    >>> index = SimilarityIndex(512, dtype="fp16")
+    >>> index.add(clip.encode_images(images))            # [N, 512]; ids 0..N-1
+    >>> scores, ids = index.search(clip.encode_texts(["a cat"]), k=5)   # [1, 5] each
+    """
+
+    def __init__(self, dim, dtype: str = "fp16", *, device="cpu"):
+        vectors = None
+        if isinstance(dim, (torch.Tensor, np.ndarray)):
+            vectors, dim = dim, int(dim.shape[-1])
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int (the embedding size, e.g. 512), got {dim!r}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.dim, self.dtype, self.device = dim, dtype, torch.device(device)
+        self._lock = threading.Lock()
+        self._n = 0
+        self._vectors = torch.empty(0, dim, dtype=_DTYPES[dtype], device=self.device)
+        self._scale = torch.empty(0, dtype=torch.float32, device=self.device)  # int8 only
+        self._ids = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._next_id = 0
+        self._owned = True  # False while the buffers are a memory map from load(): add() copies first
+        if vectors is not None:
+            self.add(vectors)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __repr__(self) -> str:
+        return f"SimilarityIndex(dim={self.dim}, dtype={self.dtype!r}, size={self._n}, device={str(self.device)!r})"
+
+    # ---- writing -------------------------------------------------------------------------------
+    def _encode(self, x: torch.Tensor):
+        """float rows -> (storage rows, per-row scale or None), normalised in fp32."""
+        x = x.to(self.device, torch.float32)
+        norms = x.norm(dim=1)
+        bad = ~torch.isfinite(x).all(dim=1) | (norms == 0)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten()[:5].tolist()
+            raise ValueError(f"vectors: {int(bad.sum())} row(s) are zero or contain NaN/inf (first: {rows}); "
+                             "they have no direction to compare, drop them before add()")
+        x = x / norms[:, None]
+        if self.dtype != "int8":
+            return x.to(_DTYPES[self.dtype]), None
+        scale = x.abs().amax(dim=1) / 127.0                               # [n], > 0 for unit rows
+        return torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+    def add(self, vectors, ids=None) -> None:
+        """Normalise and store `vectors` ([n, dim] float tensor / array). `ids`: [n] integers returned
+        by `search` (default: consecutive, continuing after the largest id so far)."""
+        x = _as_matrix(vectors, "vectors", self.dim)
+        n = x.shape[0]
+        if ids is not None:
+            ids = torch.as_tensor(ids)
+            if ids.shape != (n,) or ids.is_floating_point() or ids.dtype == torch.bool:
+                raise ValueError(f"ids must be {n} integers (one per vector), got {ids.dtype} of shape "
+                                 f"{tuple(ids.shape)}")
+            ids = ids.to(self.device, torch.int64)
+        if n == 0:
+            return
+        rows, scale = self._encode(x)
+        with self._lock:
+            start = self._n
+            if ids is None:
+                ids = torch.arange(self._next_id, self._next_id + n, device=self.device)
+            if start + n > self._vectors.shape[0] or not self._owned:
+                self._grow(start + n)
+            # Rows past self._n are invisible to searches until the size below is published.
+            self._vectors[start:start + n] = rows
+            self._ids[start:start + n] = ids
+            if scale is not None:
+                self._scale[start:start + n] = scale
+            self._next_id = max(self._next_id, int(ids.max()) + 1)
+            self._n = start + n
+
+    def _grow(self, need: int) -> None:
+        """A new, bigger buffer (doubling), with the live rows copied; searches holding the old one
+        keep it alive until they finish."""
+        cap = max(need, 2 * self._vectors.shape[0], 1024)
+        n = self._n
+
+        def bigger(old, shape, dtype):
+            new = torch.empty(shape, dtype=dtype, device=self.device)
+            new[:n] = old[:n]
+            return new
+        self._vectors = bigger(self._vectors, (cap, self.dim), self._vectors.dtype)
+        self._ids = bigger(self._ids, (cap,), torch.int64)
+        if self.dtype == "int8":
+            self._scale = bigger(self._scale, (cap,), torch.float32)
+        self._owned = True
+
+    # ---- reading -------------------------------------------------------------------------------
+    def search(self, queries, k: int):
+        """The k most similar stored vectors of each query, exactly.
+
+        Parameters
+        ----------
+        queries : [Q, dim] float tensor / array (normalised here; moved to the index's device).
+        k : 1 <= k <= len(index); a larger k is an error rather than a silent clamp.
+
+        Returns
+        -------
+        (scores [Q, k] float32 cosine similarities, ids [Q, k] int64 user ids), best first.
+        """
+        q = _as_matrix(queries, "queries", self.dim).to(self.device)
+        with self._lock:  # a consistent snapshot; the search itself runs unlocked
+            n, vectors, scale, ids = self._n, self._vectors, self._scale, self._ids
+        if n == 0:
+            raise ValueError("search: the index is empty; add() vectors first")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+            raise ValueError(f"search: k must be an int in [1, {n}] (the index holds {n} vectors), got {k!r}")
+        scores, rows = kernels.similarity_topk(q, vectors[:n], k,
+                                               gallery_scale=scale[:n] if self.dtype == "int8" else None)
+        return scores, ids[:n][rows]
+
+    # ---- files ---------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write a safetensors file (atomically: a temporary file renamed over `path`)."""
+        from safetensors.torch import save_file
+
+        with self._lock:
+            n, vectors, scale, ids = self._n, self._vectors, self._scale, self._ids
+        tensors = {"vectors": vectors[:n].cpu().contiguous(), "ids": ids[:n].cpu().contiguous()}
+        if self.dtype == "int8":
+            tensors["scale"] = scale[:n].cpu().contiguous()
+        tmp = f"{os.fspath(path)}.tmp-{os.getpid()}-{threading.get_ident()}"
+        save_file(tensors, tmp, metadata={"format": _FORMAT, "dim": str(self.dim), "dtype": self.dtype})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path, mmap: bool = True, *, device="cpu") -> "SimilarityIndex":
+        """Open a file written by `save`. mmap=True maps it (nothing is read until searched);
+        mmap=False reads it into memory now."""
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"{path} is not an mmfast SimilarityIndex file (metadata format="
+                                 f"{meta.get('format')!r}, expected {_FORMAT!r})")
+            index = cls(int(meta["dim"]), meta["dtype"], device=device)
+            t = {name: f.get_tensor(name) for name in f.keys()}
+        want = {"vectors", "ids"} | ({"scale"} if index.dtype == "int8" else set())
+        if set(t) != want:
+            raise ValueError(f"{path}: expected tensors {sorted(want)}, found {sorted(t)}")
+        n = t["ids"].shape[0]
+        if t["vectors"].shape != (n, index.dim) or t["vectors"].dtype != _DTYPES[index.dtype]:
+            raise ValueError(f"{path}: 'vectors' is {t['vectors'].dtype} {tuple(t['vectors'].shape)}, "
+                             f"expected {_DTYPES[index.dtype]} ({n}, {index.dim})")
+        keep = (lambda x: x) if mmap and index.device.type == "cpu" else (lambda x: x.to(index.device).clone())
+        index._vectors, index._ids = keep(t["vectors"]), keep(t["ids"])
+        if index.dtype == "int8":
+            index._scale = keep(t["scale"])
+        index._n = n
+        index._next_id = int(index._ids.max()) + 1 if n else 0
+        index._owned = not (mmap and index.device.type == "cpu")
+        return index
