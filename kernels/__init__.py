@@ -261,8 +261,10 @@ def nearest_code(x, codebook, *, codebook_sqnorm=None, return_distance=False):
     e = e if e.stride(1) == 1 else e.contiguous()
     sq = None if codebook_sqnorm is None else codebook_sqnorm.detach().contiguous()
     if backend == "triton":
-        from . import codebook as triton_codebook  # needs triton: imported on first CUDA use
-
+        try:  # needs triton: imported on first CUDA use
+            from . import codebook as triton_codebook
+        except ImportError as err:
+            raise ImportError("nearest_code on CUDA tensors needs triton: pip install 'mmfast[gpu]'") from err
         ids, dist = triton_codebook.nearest_code(x2, e, sq, return_distance)
     else:
         ids = torch.empty(x2.shape[0], dtype=torch.int64)
