@@ -39,12 +39,16 @@ def backend_for(t: torch.Tensor) -> str:
 _GALLERY_KINDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "int8"}
 
 
+def _require_tensor(fn: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}; "
+                        "wrap it with torch.as_tensor(...)")
+
+
 def _check_similarity(fn, queries, gallery, scale, gallery_scale):
     """Validate at the boundary; returns the logit scale as a float (or None)."""
     for name, t, rows in (("queries", queries, "Q"), ("gallery", gallery, "N")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}; "
-                            "wrap it with torch.as_tensor(...)")
+        _require_tensor(fn, name, t)
         if t.dim() != 2:
             raise ValueError(f"{fn}: {name} must be 2-D [{rows}, D], got shape {tuple(t.shape)}; "
                              "use x[None] for a single vector")
@@ -183,9 +187,7 @@ _CODE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _check_nearest_code(x, codebook, codebook_sqnorm):
     fn = "nearest_code"
     for name, t in (("x", x), ("codebook", codebook)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}; "
-                            "wrap it with torch.as_tensor(...)")
+        _require_tensor(fn, name, t)
     if codebook.dim() != 2:
         raise ValueError(f"{fn}: codebook must be 2-D [K, D], got shape {tuple(codebook.shape)}; "
                          "pass the embedding weight itself (e.g. quantize.embedding.weight)")
