@@ -1,0 +1,1 @@
+"""Readable PyTorch modules, weight-compatible with the checkpoints mmfast reads."""
