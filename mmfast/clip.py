@@ -99,8 +99,7 @@ class Clip:
             from .backends.onnxruntime import OrtClip
             self.dtype, self.model = name, OrtClip(model, int8=name == "int8")
             return
-        self.dtype = self._choose_dtype(model, dtype)
-        self.model = self._prepare(model, self.dtype)
+        self.dtype, self.model = self._choose(model, dtype)
 
     # ---- dtype / mode ---------------------------------------------------------------------------
     def _candidates(self) -> list[str]:
@@ -108,7 +107,8 @@ class Clip:
             return ["fp16"]
         return (["int8"] if has_vnni() else []) + (["bf16"] if has_fast_bf16() else []) + ["fp32"]
 
-    def _choose_dtype(self, model: CLIP, dtype) -> str:
+    def _choose(self, model: CLIP, dtype) -> tuple[str, CLIP]:
+        """Resolve `dtype` to a mode name and return it with the model prepared for it."""
         if isinstance(dtype, torch.dtype):
             dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, dtype)
         if dtype != "auto":
@@ -118,21 +118,22 @@ class Clip:
             name = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
             if name == "int8" and self.device.type != "cpu":
                 raise ValueError("dtype='int8' runs on CPU only; use dtype='fp16' on CUDA")
-            return name
+            return name, self._prepare(model, name)
         candidates = self._candidates()
-        if candidates == ["fp32"] or self.device.type == "cuda":
-            return candidates[0]
+        if len(candidates) == 1:
+            return candidates[0], self._prepare(model, candidates[0])
         # Measure each candidate against fp32 on a fixed probe (smooth images, varied prompts).
         probe_px, probe_ids = _probe_inputs(self.config, self.tokenizer, self.preprocess)
         with torch.inference_mode():
             ref_i, ref_t = model.encode_image(probe_px), model.encode_text(probe_ids)
             for name in candidates[:-1]:
                 m = self._prepare(copy.deepcopy(model), name)
-                cos = min(F.cosine_similarity(m.encode_image(probe_px.to(self.device)).float().cpu(), ref_i).min(),
+                px = probe_px.to(self.device, torch.float32 if name == "int8" else _DTYPES[name])
+                cos = min(F.cosine_similarity(m.encode_image(px).float().cpu(), ref_i).min(),
                           F.cosine_similarity(m.encode_text(probe_ids.to(self.device)).float().cpu(), ref_t).min())
                 if cos >= AUTO_MIN_COSINE:
-                    return name
-        return "fp32"
+                    return name, m
+        return "fp32", self._prepare(model, "fp32")
 
     def _prepare(self, model: CLIP, name: str) -> CLIP:
         if name == "int8":

@@ -42,7 +42,7 @@ def load_clip_checkpoint(path, name: str | None = None) -> tuple[ClipConfig, dic
             f"(Hugging Face CLIPModel layout)")
     preset = clip_preset(name) if name is not None else None  # a bad name fails before any I/O
     sd = read_state_dict(path)
-    if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+    if _is_torchscript(path):
         # the OpenAI `clip` package's TorchScript archive: trained with quick_gelu
         return _from_openai_names(sd, act="quick_gelu", name=str(path))
     if name is None:
@@ -54,6 +54,13 @@ def load_clip_checkpoint(path, name: str | None = None) -> tuple[ClipConfig, dic
     # the preset is the architecture; load_into then names any key whose shape does not fit it
     sd = {k: v for k, v in sd.items() if k.split(".")[-1] not in _IGNORED}
     return preset, _rename_in_proj(sd)
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") for n in zf.namelist())
 
 
 def _from_openai_names(sd: dict, act: str, name: str) -> tuple[ClipConfig, dict]:

@@ -257,3 +257,25 @@ def test_onnxruntime_backend_matches_torch(tmp_path):
     assert F.cosine_similarity(ort_int8.encode_texts(TEXTS), torch_clip.encode_texts(TEXTS)).min() >= 0.999
     with pytest.raises(ValueError, match="backend"):
         mmfast.load_clip(d, backend="tensorrt")
+
+
+@pytest.mark.parametrize("vnni,bf16", [(False, True), (True, True), (False, False)])
+def test_auto_mode_on_other_cpus(monkeypatch, vnni, bf16):
+    """auto must pick a working mode whatever the CPU offers (probe casts inputs per candidate)."""
+    import mmfast.clip as mclip
+    from mmfast.clip_checkpoints import _rename_in_proj
+    from mmfast.config import ClipConfig, ClipTextConfig, ClipVisionConfig
+    monkeypatch.setattr(mclip, "has_vnni", lambda: vnni)
+    monkeypatch.setattr(mclip, "has_fast_bf16", lambda: bf16)
+    ref = _tiny_open_clip(quick_gelu=False)
+    cfg = ClipConfig(embed_dim=32, vision=ClipVisionConfig(64, 16, 64, 2, 1, 256),
+                     text=ClipTextConfig(width=64, heads=1, layers=2, mlp_dim=256))
+    model = mclip.CLIP(cfg)
+    model.load_state_dict(_rename_in_proj({k: v for k, v in ref.state_dict().items() if k != "attn_mask"}))
+    clip = Clip(model, dtype="auto")
+    expected = (["int8"] if vnni else []) + (["bf16"] if bf16 else []) + ["fp32"]
+    assert clip.dtype in expected
+    x = _pixels(2, 64)
+    with torch.inference_mode():
+        want = ref.encode_image(x)
+    assert F.cosine_similarity(clip.encode_images(x), want).min() >= 0.999
