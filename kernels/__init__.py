@@ -20,7 +20,7 @@ try:  # the compiled CPU kernels; absent only in a source tree that was never bu
 except ImportError:  # pragma: no cover - exercised only on broken installs
     _C = None
 
-__all__ = ["similarity_topk", "similarity", "nearest_code", "backend_for"]
+__all__ = ["similarity_topk", "similarity", "similarity_prefilter", "nearest_code", "backend_for"]
 
 
 def backend_for(t: torch.Tensor) -> str:
@@ -114,7 +114,68 @@ def _triton_similarity():
     return mod
 
 
-def similarity_topk(queries, gallery, k, *, scale=None, normalize_queries=True, gallery_scale=None):
+def similarity_prefilter(gallery, *, chunk=65536):
+    """The int8 "shadow" copy of a float16 / bfloat16 gallery for ``similarity_topk(prefilter=...)``.
+
+    Returns ``(codes [N, D] int8, code_scale [N] float32, code_err [N] float32)``: row i is about
+    ``codes[i] * code_scale[i]`` (symmetric per-row quantisation), and ``code_err[i]`` bounds, rounded
+    up, ``|gallery[i] - codes[i] * code_scale[i]|_2 + (D + 2) * 2**-24 * |gallery[i]|_2`` (the second
+    term covers the fp32 rounding of an exact rescoring). The search relies on that bound for its
+    exactness, so build the tuple here rather than by hand. +50% memory over the 16-bit gallery.
+    A row holding NaN/inf gets code_err = inf (always rescored).
+
+    Example
+    -------
+    >>> pre = similarity_prefilter(gallery)            # once, when the gallery is built
+    >>> scores, ids = similarity_topk(queries, gallery, k=10, prefilter=pre)
+    """
+    _require_tensor("similarity_prefilter", "gallery", gallery)
+    if gallery.dim() != 2 or gallery.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"similarity_prefilter: gallery must be a 2-D float16 or bfloat16 tensor, got "
+                        f"{gallery.dtype} of shape {tuple(gallery.shape)}; other dtypes gain nothing from it")
+    n, d = gallery.shape
+    codes = torch.empty(n, d, dtype=torch.int8, device=gallery.device)
+    code_scale = torch.empty(n, dtype=torch.float32, device=gallery.device)
+    code_err = torch.empty(n, dtype=torch.float32, device=gallery.device)
+    for a in range(0, n, chunk):  # float64 temporaries stay chunk x D
+        g = gallery[a:a + chunk].double()                                   # exact copy of the 16-bit values
+        finite = torch.isfinite(g).all(dim=1)
+        g = torch.where(finite[:, None], g, 0.0)
+        amax = g.abs().amax(dim=1)
+        s = torch.where(amax > 0, amax / 127, 1.0).float()                 # the scale the kernel sees
+        c = torch.round(g / s.double()[:, None]).clamp_(-127, 127)
+        err = (g - c * s.double()[:, None]).norm(dim=1) + (d + 2) * 2.0 ** -24 * g.norm(dim=1)
+        err = (err * (1 + 1e-6)).float()
+        err = torch.nextafter(err, torch.full_like(err, float("inf")))     # round up past float32 rounding
+        codes[a:a + chunk] = c.to(torch.int8)
+        code_scale[a:a + chunk] = s
+        code_err[a:a + chunk] = torch.where(finite, err, float("inf"))
+    return codes, code_scale, code_err
+
+
+def _check_prefilter(fn, gallery, prefilter):
+    """Validate similarity_topk's prefilter tuple against the gallery; returns it."""
+    n = gallery.shape[0]
+    fix = "build it with mmfast.kernels.similarity_prefilter(gallery)"
+    if gallery.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{fn}: prefilter is only for float16 / bfloat16 galleries, got a {gallery.dtype} "
+                         "gallery; search it without prefilter")
+    if not isinstance(prefilter, tuple) or len(prefilter) != 3 or \
+            not all(isinstance(t, torch.Tensor) for t in prefilter):
+        raise TypeError(f"{fn}: prefilter must be a tuple (codes, code_scale, code_err) of tensors, got "
+                        f"{type(prefilter).__name__}; {fix}")
+    codes, cs, ce = prefilter
+    want = ((codes, tuple(gallery.shape), torch.int8), (cs, (n,), torch.float32), (ce, (n,), torch.float32))
+    for t, shape, dtype in want:
+        if tuple(t.shape) != shape or t.dtype != dtype or t.device != gallery.device:
+            raise ValueError(f"{fn}: prefilter must be (codes int8 {tuple(gallery.shape)}, code_scale float32 "
+                             f"({n},), code_err float32 ({n},)) on {gallery.device}, got "
+                             f"{[(str(x.dtype), tuple(x.shape), str(x.device)) for x in prefilter]}; {fix}")
+    return prefilter
+
+
+def similarity_topk(queries, gallery, k, *, scale=None, normalize_queries=True, gallery_scale=None,
+                    prefilter=None):
     """Exact top-k cosine similarity of each query against a gallery, without the [Q, N] matrix.
 
     Parameters
@@ -127,6 +188,11 @@ def similarity_topk(queries, gallery, k, *, scale=None, normalize_queries=True, 
     k : int, 1 <= k <= N.
     scale : optional float (e.g. CLIP's ``logit_scale.exp()``) multiplying every score.
     gallery_scale : Tensor [N] float32, int8 galleries only: row i is ``gallery[i] * gallery_scale[i]``.
+    prefilter : optional ``similarity_prefilter(gallery)`` tuple, float16 / bfloat16 galleries only.
+        On CPU with more than 8 queries, the int8 copy is scanned with VNNI integer dot products and
+        only rows whose error bound reaches the current k-th best are rescored from ``gallery``: the
+        result is identical to the search without it (same scores; same ids up to exact ties), just
+        faster. Elsewhere (CUDA, the reference, <= 8 queries: memory-bound) it is ignored.
 
     Returns
     -------
@@ -137,6 +203,8 @@ def similarity_topk(queries, gallery, k, *, scale=None, normalize_queries=True, 
     >>> scores, ids = similarity_topk(text_emb, image_emb.half(), k=5, scale=100.0)
     """
     scale = _check_similarity("similarity_topk", queries, gallery, scale, gallery_scale)
+    if prefilter is not None:
+        _check_prefilter("similarity_topk", gallery, prefilter)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= gallery.shape[0]:
         raise ValueError(f"similarity_topk: k must be an int in [1, {gallery.shape[0]}] (the gallery "
                          f"size), got {k!r}; lower k or add more vectors")
@@ -153,7 +221,13 @@ def similarity_topk(queries, gallery, k, *, scale=None, normalize_queries=True, 
     scores = torch.empty(q.shape[0], k, dtype=torch.float32)
     ids = torch.empty(q.shape[0], k, dtype=torch.int64)
     qn, gn, kind, sn = _cpu_views(q, gallery, gallery_scale)
-    _C.similarity_topk(qn, gn, kind, sn, k, scores.numpy(), ids.numpy())
+    if prefilter is None:
+        _C.similarity_topk(qn, gn, kind, sn, k, scores.numpy(), ids.numpy())
+    else:
+        codes, cs, ce = (t.detach() for t in prefilter)
+        codes = codes if codes.stride(1) == 1 else codes.contiguous()
+        _C.similarity_topk_prefilter(qn, gn, kind, codes.numpy(), cs.contiguous().numpy(),
+                                     ce.contiguous().numpy(), k, scores.numpy(), ids.numpy())
     return scores, ids
 
 

@@ -8,7 +8,9 @@ the GIL), so searches from several threads run in parallel; `add` only ever writ
 published size, or into a fresh buffer it then publishes, so a running search never sees a torn row.
 
 Files are safetensors: "vectors" [N, D] in the storage dtype, "ids" [N] int64, "scale" [N] float32
-(int8 only), with dim/dtype in the metadata. `load(path, mmap=True)` keeps the vectors memory-mapped
+(int8 only), with dim/dtype in the metadata; an index with ``prefilter="int8"`` adds its shadow copy
+as "prefilter_codes" [N, D] int8, "prefilter_scale" [N] and "prefilter_err" [N] float32 (metadata
+prefilter=int8), so that loading rebuilds nothing and maps it like the vectors. `load(path, mmap=True)` keeps the vectors memory-mapped
 (safetensors' `safe_open` maps the file copy-on-write and hands out tensors over the mapping): pages
 are read when a search first touches them, so opening a gallery larger than RAM costs nothing up
 front, and the OS may drop clean pages under pressure. The first `add` after such a load copies the
@@ -26,6 +28,7 @@ from mmfast import kernels
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 _FORMAT = "mmfast.SimilarityIndex/1"
+_PRE_NAMES = ("prefilter_codes", "prefilter_scale", "prefilter_err")
 
 
 def _as_matrix(x, name: str, dim: int) -> torch.Tensor:
@@ -48,6 +51,11 @@ class SimilarityIndex:
     ----------
     dim : int, the embedding dimension (or an [N, D] tensor / array, which is added right away).
     dtype : "fp16" (default), "bf16", "fp32" or "int8" (per-row scale; 4x smaller than fp32).
+    prefilter : None (default) or "int8", fp16/bf16 only: also keep an int8 copy of every row
+        (`mmfast.kernels.similarity_prefilter`; +50% memory: 1 byte per element + 8 bytes per row).
+        Searches of more than 8 queries on CPU then scan the int8 copy with VNNI and rescore the
+        candidates from the fp16/bf16 rows: the same results as without it (same scores, same ids
+        up to exact ties), 1.5x (16 queries) to 2.8x (256 queries) faster on 1M x 512 (2 cores).
     device : where rows are stored and searched ("cpu": C++ kernel; "cuda": Triton kernel).
 
     Example
@@ -57,7 +65,7 @@ class SimilarityIndex:
     >>> scores, ids = index.search(clip.encode_texts(["a cat"]), k=5)   # [1, 5] each
     """
 
-    def __init__(self, dim, dtype: str = "fp16", *, device="cpu"):
+    def __init__(self, dim, dtype: str = "fp16", *, prefilter=None, device="cpu"):
         vectors = None
         if isinstance(dim, (torch.Tensor, np.ndarray)):
             vectors, dim = dim, int(dim.shape[-1])
@@ -65,12 +73,20 @@ class SimilarityIndex:
             raise ValueError(f"dim must be a positive int (the embedding size, e.g. 512), got {dim!r}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        self.dim, self.dtype, self.device = dim, dtype, torch.device(device)
+        if prefilter not in (None, "int8") or (prefilter and dtype not in ("fp16", "bf16")):
+            raise ValueError(f"prefilter must be None or 'int8' (with dtype 'fp16' or 'bf16'), got "
+                             f"prefilter={prefilter!r} with dtype={dtype!r}; an int8 or fp32 index has no use for it")
+        self.dim, self.dtype, self.device, self.prefilter = dim, dtype, torch.device(device), prefilter
         self._lock = threading.Lock()
         self._n = 0
         self._vectors = torch.empty(0, dim, dtype=_DTYPES[dtype], device=self.device)
         self._scale = torch.empty(0, dtype=torch.float32, device=self.device)  # int8 only
         self._ids = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._pre = None  # prefilter="int8": (codes [cap, D] int8, scale [cap], err [cap]) float32
+        if prefilter:
+            self._pre = (torch.empty(0, dim, dtype=torch.int8, device=self.device),
+                         torch.empty(0, dtype=torch.float32, device=self.device),
+                         torch.empty(0, dtype=torch.float32, device=self.device))
         self._next_id = 0
         self._owned = True  # False while the buffers are a memory map from load(): add() copies first
         if vectors is not None:
@@ -80,7 +96,9 @@ class SimilarityIndex:
         return self._n
 
     def __repr__(self) -> str:
-        return f"SimilarityIndex(dim={self.dim}, dtype={self.dtype!r}, size={self._n}, device={str(self.device)!r})"
+        pre = f", prefilter={self.prefilter!r}" if self.prefilter else ""
+        return (f"SimilarityIndex(dim={self.dim}, dtype={self.dtype!r}{pre}, size={self._n}, "
+                f"device={str(self.device)!r})")
 
     # ---- writing -------------------------------------------------------------------------------
     def _encode(self, x: torch.Tensor):
@@ -112,6 +130,7 @@ class SimilarityIndex:
         if n == 0:
             return
         rows, scale = self._encode(x)
+        pre = kernels.similarity_prefilter(rows) if self.prefilter else None  # of the stored fp16 rows
         with self._lock:
             start = self._n
             if ids is None:
@@ -123,6 +142,9 @@ class SimilarityIndex:
             self._ids[start:start + n] = ids
             if scale is not None:
                 self._scale[start:start + n] = scale
+            if pre is not None:
+                for buf, part in zip(self._pre, pre):
+                    buf[start:start + n] = part
             self._next_id = max(self._next_id, int(ids.max()) + 1)
             self._n = start + n
 
@@ -140,6 +162,10 @@ class SimilarityIndex:
         self._ids = bigger(self._ids, (cap,), torch.int64)
         if self.dtype == "int8":
             self._scale = bigger(self._scale, (cap,), torch.float32)
+        if self._pre is not None:
+            codes, cs, ce = self._pre
+            self._pre = (bigger(codes, (cap, self.dim), torch.int8), bigger(cs, (cap,), torch.float32),
+                         bigger(ce, (cap,), torch.float32))
         self._owned = True
 
     # ---- reading -------------------------------------------------------------------------------
@@ -157,13 +183,14 @@ class SimilarityIndex:
         """
         q = _as_matrix(queries, "queries", self.dim).to(self.device)
         with self._lock:  # a consistent snapshot; the search itself runs unlocked
-            n, vectors, scale, ids = self._n, self._vectors, self._scale, self._ids
+            n, vectors, scale, ids, pre = self._n, self._vectors, self._scale, self._ids, self._pre
         if n == 0:
             raise ValueError("search: the index is empty; add() vectors first")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
             raise ValueError(f"search: k must be an int in [1, {n}] (the index holds {n} vectors), got {k!r}")
         scores, rows = kernels.similarity_topk(q, vectors[:n], k,
-                                               gallery_scale=scale[:n] if self.dtype == "int8" else None)
+                                               gallery_scale=scale[:n] if self.dtype == "int8" else None,
+                                               prefilter=None if pre is None else tuple(t[:n] for t in pre))
         return scores, ids[:n][rows]
 
     # ---- files ---------------------------------------------------------------------------------
@@ -172,12 +199,17 @@ class SimilarityIndex:
         from safetensors.torch import save_file
 
         with self._lock:
-            n, vectors, scale, ids = self._n, self._vectors, self._scale, self._ids
+            n, vectors, scale, ids, pre = self._n, self._vectors, self._scale, self._ids, self._pre
         tensors = {"vectors": vectors[:n].cpu().contiguous(), "ids": ids[:n].cpu().contiguous()}
         if self.dtype == "int8":
             tensors["scale"] = scale[:n].cpu().contiguous()
+        meta = {"format": _FORMAT, "dim": str(self.dim), "dtype": self.dtype}
+        if pre is not None:
+            meta["prefilter"] = self.prefilter
+            for name, t in zip(_PRE_NAMES, pre):
+                tensors[name] = t[:n].cpu().contiguous()
         tmp = f"{os.fspath(path)}.tmp-{os.getpid()}-{threading.get_ident()}"
-        save_file(tensors, tmp, metadata={"format": _FORMAT, "dim": str(self.dim), "dtype": self.dtype})
+        save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
 
     @classmethod
@@ -191,9 +223,10 @@ class SimilarityIndex:
             if meta.get("format") != _FORMAT:
                 raise ValueError(f"{path} is not an mmfast SimilarityIndex file (metadata format="
                                  f"{meta.get('format')!r}, expected {_FORMAT!r})")
-            index = cls(int(meta["dim"]), meta["dtype"], device=device)
+            index = cls(int(meta["dim"]), meta["dtype"], prefilter=meta.get("prefilter"), device=device)
             t = {name: f.get_tensor(name) for name in f.keys()}
-        want = {"vectors", "ids"} | ({"scale"} if index.dtype == "int8" else set())
+        want = {"vectors", "ids"} | ({"scale"} if index.dtype == "int8" else set()) | \
+            (set(_PRE_NAMES) if index.prefilter else set())
         if set(t) != want:
             raise ValueError(f"{path}: expected tensors {sorted(want)}, found {sorted(t)}")
         n = t["ids"].shape[0]
@@ -204,6 +237,11 @@ class SimilarityIndex:
         index._vectors, index._ids = keep(t["vectors"]), keep(t["ids"])
         if index.dtype == "int8":
             index._scale = keep(t["scale"])
+        if index.prefilter:
+            index._pre = tuple(keep(t[name]) for name in _PRE_NAMES)
+            codes, cs, ce = index._pre
+            if codes.shape != (n, index.dim) or cs.shape != (n,) or ce.shape != (n,):
+                raise ValueError(f"{path}: the prefilter tensors do not match the {n} x {index.dim} vectors")
         index._n = n
         index._next_id = int(index._ids.max()) + 1 if n else 0
         index._owned = not (mmap and index.device.type == "cpu")

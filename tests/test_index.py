@@ -164,3 +164,37 @@ def test_bad_input(make, call, err, words):
     index = make()
     with pytest.raises(err, match=words):
         call(index)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_int8_prefilter_gives_the_plain_results(tmp_path, dtype):
+    x = embeddings(1100, d=40)
+    x[700] = x[3]                                       # duplicates: ties must resolve the same way
+    plain, pre = SimilarityIndex(40, dtype=dtype), SimilarityIndex(40, dtype=dtype, prefilter="int8")
+    for index in (plain, pre):
+        index.add(x[:600])
+        index.add(x[600:])                              # growth carries the int8 copy along
+    assert "prefilter='int8'" in repr(pre)
+    for q_count in (1, 13, 40):
+        queries = embeddings(q_count, d=40, seed=q_count)
+        queries[0] = x[3]
+        for k in (1, 10, 1100):
+            a, b = plain.search(queries, k), pre.search(queries, k)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    path = tmp_path / "pre.safetensors"
+    pre.save(path)
+    for mmap in (True, False):
+        loaded = SimilarityIndex.load(path, mmap=mmap)
+        assert loaded.prefilter == "int8"
+        queries = embeddings(20, d=40, seed=9)
+        a, b = pre.search(queries, 5), loaded.search(queries, 5)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        loaded.add(x[:3])
+        assert len(loaded) == 1103 and loaded._pre[0].shape[0] >= 1103
+
+
+@pytest.mark.parametrize("kwargs", [{"dtype": "int8", "prefilter": "int8"}, {"dtype": "fp32", "prefilter": "int8"},
+                                    {"dtype": "fp16", "prefilter": "int4"}])
+def test_prefilter_bad_options(kwargs):
+    with pytest.raises(ValueError, match="prefilter"):
+        SimilarityIndex(8, **kwargs)

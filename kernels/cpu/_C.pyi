@@ -12,6 +12,14 @@ def similarity_topk(queries: np.ndarray, gallery: np.ndarray, kind: str, gallery
     ("fp32" | "fp16" | "bf16" | "int8"). gallery_scale: float32 [N] for int8 (row = values * scale),
     else None. Releases the GIL. Validation with helpful messages lives in mmfast.kernels."""
 
+def similarity_topk_prefilter(queries: np.ndarray, gallery: np.ndarray, kind: str, codes: np.ndarray,
+                              code_scale: np.ndarray, code_err: np.ndarray, k: int, scores: np.ndarray,
+                              ids: np.ndarray) -> None:
+    """similarity_topk of a 16-bit gallery (kind "fp16" | "bf16", int16 bit view), with the same result,
+    prefiltered by its int8 copy: codes int8 [N, D] (unit stride along D), code_scale float32 [N],
+    code_err float32 [N] >= |gallery[i] - codes[i] * code_scale[i]|_2 + (D + 2) * 2^-24 * |gallery[i]|_2
+    (mmfast.kernels.similarity_prefilter builds all three). Uses VNNI for Q > 8, else the plain scan."""
+
 def similarity(queries: np.ndarray, gallery: np.ndarray, kind: str, gallery_scale: np.ndarray | None,
                out: np.ndarray) -> None:
     """out (float32 [Q, N], C-contiguous) = queries . gallery^T; arguments as in similarity_topk."""

@@ -436,6 +436,11 @@ __attribute__((noinline)) void vnni_kernel<2, 8>(const int32_t* panels, int64_t 
 #undef MMFAST_Q
 #undef MMFAST_DP
 
+// T: the gallery rows are rescored from. Plain int8 search: T = int8_t, rg = g, rscale = gscale,
+// err = nullptr. Prefilter ("shadow" int8 copy of an fp16/bf16 gallery): rg is the 16-bit gallery,
+// rscale = nullptr, and err[row] * |q|_2 widens the bound by the distance between the fp16 row and
+// its dequantised int8 copy (plus the fp32 rounding of the rescoring), see prefilter_topk below.
+template <class T>
 struct VnniScan {
   const int8_t* g;
   int64_t ldg;
@@ -443,6 +448,11 @@ struct VnniScan {
   const float* q;  // [Q, D] fp32, for exact rescoring
   const QuantQueries* qq;
   int64_t Q, D;
+  const T* rg;
+  int64_t ldr;
+  const float* rscale;
+  const float* err = nullptr;  // [N] or null
+  const float* qnorm = nullptr;  // [Q] |q|_2 (rounded up), with err
 
   template <int P, int C>
   void block(const int32_t* panels, const float* l1, int64_t row0, int64_t nrows, int64_t c0, TopK* heaps) const {
@@ -461,8 +471,11 @@ struct VnniScan {
         const __m512i dot = _mm512_sub_epi32(acc[p * C + c], _mm512_set1_epi32(qq->bias[c0 + c]));
         const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(gs, _mm512_set1_ps(sq)));
         // Upper bound, with slack for the fp32 rounding of a and of the exact rescoring.
-        const __m512 ub = _mm512_add_ps(_mm512_fmadd_ps(gl1, _mm512_set1_ps(0.505f * sq), a),
-                                        _mm512_mul_ps(_mm512_abs_ps(a), _mm512_set1_ps(1e-5f)));
+        __m512 ub = _mm512_add_ps(_mm512_fmadd_ps(gl1, _mm512_set1_ps(0.505f * sq), a),
+                                  _mm512_mul_ps(_mm512_abs_ps(a), _mm512_set1_ps(1e-5f)));
+        if (err)  // rounded up by 1.0001 (the fp32 product and sum above round too)
+          ub = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(valid, err + row0 + p * kPanel),
+                               _mm512_set1_ps(qnorm[c0 + c] * 1.0001f), ub);
         uint32_t cand = h.n < h.k ? valid
                                   : _mm512_mask_cmp_ps_mask(valid, ub, _mm512_set1_ps(h.s[0]), _CMP_NLT_UQ);
         while (cand) {
@@ -470,8 +483,8 @@ struct VnniScan {
           cand &= cand - 1;
           const int64_t row = row0 + p * kPanel + r;
           alignas(64) float v[kAcc];
-          micro_kernel<1, 1>(g + row * ldg, ldg, q + (c0 + c) * D, D, D, v);
-          const float e = sanitize(v[0] * gscale[row]);
+          micro_kernel<1, 1>(rg + row * ldr, ldr, q + (c0 + c) * D, D, D, v);
+          const float e = sanitize(rscale ? v[0] * rscale[row] : v[0]);
           if (h.wants(e, row)) h.push(e, row);
         }
       }
@@ -584,8 +597,9 @@ struct FloatChunks {  // the fp32 micro-kernel path, any storage dtype
 };
 
 #ifdef MMFAST_SIM_VNNI
+template <class T>
 struct VnniChunks {
-  VnniScan scan;
+  VnniScan<T> scan;
   struct State {
     std::vector<int32_t> panels;
     std::vector<float> l1;
@@ -602,12 +616,42 @@ void topk_impl(const T* g, int64_t ldg, const float* gscale, int64_t N, const fl
   if constexpr (std::is_same<T, int8_t>::value) {
     if (Q > kQBlock) {  // compute-bound: integer dot products (few queries stay memory-bound)
       const QuantQueries qq = quantize_queries(q, Q, D);
-      run_topk(N, Q, D, k, out_s, out_i, VnniChunks{VnniScan{g, ldg, gscale, q, &qq, Q, D}});
+      run_topk(N, Q, D, k, out_s, out_i, VnniChunks<T>{VnniScan<T>{g, ldg, gscale, q, &qq, Q, D, g, ldg, gscale}});
       return;
     }
   }
 #endif
   run_topk(N, Q, D, k, out_s, out_i, FloatChunks<T>{g, ldg, gscale, q, Q, D});
+}
+
+// Prefilter: top-k over a 16-bit gallery `g`, scanning its int8 copy (`c8`, per-row scale `cscale`)
+// with VNNI and rescoring candidates from `g`. The result is that of topk_impl on `g` alone: a row
+// is skipped only when an upper bound of its fp32 score against `g` stays below the k-th best.
+// The bound adds to the int8 one (|a - <q, c>| with c = cscale * c8, see VnniScan) the term
+// |<q, g> - <q, c>| + fp32 rounding of the rescored <q, g>  <=  |q|_2 * err[row], where the caller
+// passes err[row] >= |g - c|_2 + (D + 2) * 2^-24 * |g|_2 (Cauchy-Schwarz; the classic bound on a
+// length-D fp32 dot product). Few queries are memory-bound: they read `g` directly, as topk_impl.
+template <class T>
+void prefilter_topk_impl(const T* g, int64_t ldg, const int8_t* c8, int64_t ldc, const float* cscale,
+                         const float* err, int64_t N, const float* q, int64_t Q, int64_t D, int64_t k,
+                         float* out_s, int64_t* out_i) {
+#ifdef MMFAST_SIM_VNNI
+  if (Q > kQBlock) {
+    const QuantQueries qq = quantize_queries(q, Q, D);
+    std::vector<float> qnorm(Q);
+    for (int64_t c = 0; c < Q; ++c) {
+      double s = 0;
+      for (int64_t d = 0; d < D; ++d) s += static_cast<double>(q[c * D + d]) * q[c * D + d];
+      qnorm[c] = static_cast<float>(std::sqrt(s) * (1 + 1e-6));
+    }
+    VnniScan<T> sc{c8, ldc, cscale, q, &qq, Q, D, g, ldg, nullptr, err, qnorm.data()};
+    run_topk(N, Q, D, k, out_s, out_i, VnniChunks<T>{sc});
+    return;
+  }
+#else
+  (void)c8, (void)ldc, (void)cscale, (void)err;
+#endif
+  run_topk(N, Q, D, k, out_s, out_i, FloatChunks<T>{g, ldg, nullptr, q, Q, D});
 }
 
 template <class T>
@@ -692,6 +736,32 @@ void similarity_topk(const py::array& queries, const py::array& gallery, const s
   with_type(a, [&](const auto* g) { topk_impl(g, a.ldg, a.gscale, a.N, a.q, a.Q, a.D, k, out_s, out_i); });
 }
 
+void similarity_topk_prefilter(const py::array& queries, const py::array& gallery, const std::string& kind,
+                               const py::array& codes, const py::array& code_scale, const py::array& code_err,
+                               int64_t k, py::array scores, py::array ids) {
+  Args a = check(queries, gallery, kind, py::none());
+  if (a.kind != Kind::F16 && a.kind != Kind::BF16) throw std::invalid_argument("prefilter: kind must be fp16 or bf16");
+  Args c = check(queries, codes, "int8", code_scale);
+  if (c.N != a.N) throw std::invalid_argument("prefilter: codes and gallery differ in N");
+  if (!py::isinstance<py::array_t<float>>(code_err) || code_err.ndim() != 1 || code_err.shape(0) != a.N ||
+      code_err.strides(0) != 4)
+    throw std::invalid_argument("code_err must be a contiguous float32 array of N elements");
+  if (k < 1 || k > a.N) throw std::invalid_argument("k must be in [1, N]");
+  if (!py::isinstance<py::array_t<float>>(scores) || !py::isinstance<py::array_t<int64_t>>(ids) ||
+      scores.size() != a.Q * k || ids.size() != a.Q * k || !(scores.flags() & py::array::c_style) ||
+      !(ids.flags() & py::array::c_style) || !scores.writeable() || !ids.writeable())
+    throw std::invalid_argument("scores / ids must be writable C-contiguous float32 / int64 arrays of Q*k");
+  float* out_s = static_cast<float*>(scores.mutable_data());
+  int64_t* out_i = static_cast<int64_t*>(ids.mutable_data());
+  const int8_t* c8 = static_cast<const int8_t*>(c.g);
+  const float* err = static_cast<const float*>(code_err.data());
+  py::gil_scoped_release nogil;
+  if (a.kind == Kind::F16)
+    prefilter_topk_impl(static_cast<const f16*>(a.g), a.ldg, c8, c.ldg, c.gscale, err, a.N, a.q, a.Q, a.D, k, out_s, out_i);
+  else
+    prefilter_topk_impl(static_cast<const bf16*>(a.g), a.ldg, c8, c.ldg, c.gscale, err, a.N, a.q, a.Q, a.D, k, out_s, out_i);
+}
+
 void similarity_dense(const py::array& queries, const py::array& gallery, const std::string& kind,
                       const py::object& gallery_scale, py::array out) {
   Args a = check(queries, gallery, kind, gallery_scale);
@@ -709,6 +779,10 @@ void register_similarity(py::module_& m) {
   m.def("similarity_topk", &similarity_topk, py::arg("queries"), py::arg("gallery"), py::arg("kind"),
         py::arg("gallery_scale"), py::arg("k"), py::arg("scores"), py::arg("ids"),
         "Exact top-k of queries . gallery^T into scores [Q,k] / ids [Q,k] (queries pre-normalised).");
+  m.def("similarity_topk_prefilter", &similarity_topk_prefilter, py::arg("queries"), py::arg("gallery"),
+        py::arg("kind"), py::arg("codes"), py::arg("code_scale"), py::arg("code_err"), py::arg("k"),
+        py::arg("scores"), py::arg("ids"),
+        "similarity_topk of a fp16/bf16 gallery, prefiltered by its int8 copy (same result).");
   m.def("similarity", &similarity_dense, py::arg("queries"), py::arg("gallery"), py::arg("kind"),
         py::arg("gallery_scale"), py::arg("out"), "queries . gallery^T into out [Q,N] (queries pre-normalised).");
 }

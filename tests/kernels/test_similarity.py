@@ -219,3 +219,63 @@ def test_no_queries_give_empty_results():
     scores, ids = kernels.similarity_topk(torch.empty(0, 8), gallery, 3)
     assert scores.shape == ids.shape == (0, 3)
     assert kernels.similarity(torch.empty(0, 8), gallery).shape == (0, 10)
+
+
+# ---- int8 shadow prefilter of fp16 / bf16 galleries: must equal the plain search exactly ----------
+def near_tie_gallery(n, d, dtype, seed=0):
+    """Unit rows with duplicates and rows one last bit apart (the bound must not drop any of them)."""
+    g = torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+    g = g.to(dtype)
+    if n >= 8:
+        bits = g.view(torch.int16)
+        g[n // 2], g[n - 1] = g[0], g[1]             # exact duplicates
+        bits[n // 3] = bits[2] ^ 1                   # last-bit neighbours
+        bits[n // 4] = bits[2]
+        g[n // 5] = g[3] * 0.999                     # just below another row
+    return g
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,d", [(1, 7), (7, 33), (123, 64), (1037, 100)])
+def test_prefilter_equals_plain_search(n, d, dtype):
+    g = near_tie_gallery(n, d, dtype)
+    pre = kernels.similarity_prefilter(g)
+    for q_count in (1, 9, 20):  # <= 8 queries take the plain path, more the VNNI scan
+        q = torch.randn(q_count, d, generator=torch.Generator().manual_seed(q_count))
+        q[0] = g[0].float()                          # a query that ties the duplicated rows
+        for k in sorted({min(x, n) for x in (1, 2, 10, max(1, n // 2), n)}):
+            want = kernels.similarity_topk(q, g, k, scale=3.0)
+            got = kernels.similarity_topk(q, g, k, scale=3.0, prefilter=pre)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (q_count, k)
+
+
+def test_prefilter_codes_bound_the_rows():
+    g = near_tie_gallery(300, 48, torch.float16)
+    g[5, 3] = float("nan")
+    codes, cs, ce = kernels.similarity_prefilter(g)
+    ok = torch.arange(300) != 5
+    resid = (g.double() - codes.double() * cs.double()[:, None]).norm(dim=1)
+    assert bool((ce.double()[ok] >= resid[ok]).all()) and ce[5] == float("inf")
+    q = torch.randn(12, 48)
+    want = kernels.similarity_topk(q, g, 7)
+    got = kernels.similarity_topk(q, g, 7, prefilter=(codes, cs, ce))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # The reference ignores the prefilter (same answer as without it).
+    r = ref.similarity_topk_ref(q, g, 7)
+    torch.testing.assert_close(got[0], r[0], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("make,err,words", [
+    (lambda g, pre: (g.float(), pre), ValueError, "only for float16"),
+    (lambda g, pre: (g, pre[:2]), TypeError, "prefilter must be a tuple"),
+    (lambda g, pre: (g, [*pre]), TypeError, "prefilter must be a tuple"),
+    (lambda g, pre: (g, (pre[0][:5], pre[1], pre[2])), ValueError, "similarity_prefilter"),
+    (lambda g, pre: (g, (pre[0], pre[1].double(), pre[2])), ValueError, "code_scale float32"),
+])
+def test_prefilter_bad_inputs_name_the_argument(make, err, words):
+    g = near_tie_gallery(10, 8, torch.float16)
+    gallery, pre = make(g, kernels.similarity_prefilter(g))
+    with pytest.raises(err, match=words):
+        kernels.similarity_topk(torch.randn(3, 8), gallery, 2, prefilter=pre)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        kernels.similarity_prefilter(g.float())
