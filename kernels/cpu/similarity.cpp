@@ -722,16 +722,22 @@ void with_type(const Args& a, F&& f) {
   }
 }
 
-void similarity_topk(const py::array& queries, const py::array& gallery, const std::string& kind,
-                     const py::object& gallery_scale, int64_t k, py::array scores, py::array ids) {
-  Args a = check(queries, gallery, kind, gallery_scale);
+// k in [1, N] and the outputs writable C-contiguous float32 / int64 arrays of Q*k; their pointers.
+static std::pair<float*, int64_t*> check_outputs(const Args& a, int64_t k, py::array& scores, py::array& ids) {
   if (k < 1 || k > a.N) throw std::invalid_argument("k must be in [1, N]");
   if (!py::isinstance<py::array_t<float>>(scores) || !py::isinstance<py::array_t<int64_t>>(ids) ||
       scores.size() != a.Q * k || ids.size() != a.Q * k || !(scores.flags() & py::array::c_style) ||
       !(ids.flags() & py::array::c_style) || !scores.writeable() || !ids.writeable())
     throw std::invalid_argument("scores / ids must be writable C-contiguous float32 / int64 arrays of Q*k");
-  float* out_s = static_cast<float*>(scores.mutable_data());
-  int64_t* out_i = static_cast<int64_t*>(ids.mutable_data());
+  return {static_cast<float*>(scores.mutable_data()), static_cast<int64_t*>(ids.mutable_data())};
+}
+
+void similarity_topk(const py::array& queries, const py::array& gallery, const std::string& kind,
+                     const py::object& gallery_scale, int64_t k, py::array scores, py::array ids) {
+  Args a = check(queries, gallery, kind, gallery_scale);
+  const auto outs = check_outputs(a, k, scores, ids);
+  float* out_s = outs.first;
+  int64_t* out_i = outs.second;
   py::gil_scoped_release nogil;  // pure compute from here: other Python threads may run
   with_type(a, [&](const auto* g) { topk_impl(g, a.ldg, a.gscale, a.N, a.q, a.Q, a.D, k, out_s, out_i); });
 }
@@ -746,13 +752,9 @@ void similarity_topk_prefilter(const py::array& queries, const py::array& galler
   if (!py::isinstance<py::array_t<float>>(code_err) || code_err.ndim() != 1 || code_err.shape(0) != a.N ||
       code_err.strides(0) != 4)
     throw std::invalid_argument("code_err must be a contiguous float32 array of N elements");
-  if (k < 1 || k > a.N) throw std::invalid_argument("k must be in [1, N]");
-  if (!py::isinstance<py::array_t<float>>(scores) || !py::isinstance<py::array_t<int64_t>>(ids) ||
-      scores.size() != a.Q * k || ids.size() != a.Q * k || !(scores.flags() & py::array::c_style) ||
-      !(ids.flags() & py::array::c_style) || !scores.writeable() || !ids.writeable())
-    throw std::invalid_argument("scores / ids must be writable C-contiguous float32 / int64 arrays of Q*k");
-  float* out_s = static_cast<float*>(scores.mutable_data());
-  int64_t* out_i = static_cast<int64_t*>(ids.mutable_data());
+  const auto outs = check_outputs(a, k, scores, ids);
+  float* out_s = outs.first;
+  int64_t* out_i = outs.second;
   const int8_t* c8 = static_cast<const int8_t*>(c.g);
   const float* err = static_cast<const float*>(code_err.data());
   py::gil_scoped_release nogil;
