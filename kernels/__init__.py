@@ -20,7 +20,8 @@ try:  # the compiled CPU kernels; absent only in a source tree that was never bu
 except ImportError:  # pragma: no cover - exercised only on broken installs
     _C = None
 
-__all__ = ["similarity_topk", "similarity", "similarity_prefilter", "nearest_code", "backend_for"]
+__all__ = ["similarity_topk", "similarity", "similarity_prefilter", "nearest_code", "decode_attention",
+           "backend_for"]
 
 
 def backend_for(t: torch.Tensor) -> str:
@@ -354,3 +355,113 @@ def nearest_code(x, codebook, *, codebook_sqnorm=None, return_distance=False):
                             None if dist is None else dist.numpy(), str(x2.dtype).removeprefix("torch."))
     ids = ids.reshape(x.shape[:-1])
     return (ids, dist.reshape(x.shape[:-1])) if return_distance else ids
+
+
+# ---- decode attention (one new query per row against a static KV cache) --------------------------
+_ATTN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_decode_attention(q, k_cache, v_cache, lengths, scale, check_lengths):
+    """Validate at the boundary; returns the softmax scale as a float."""
+    fn = "decode_attention"
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("lengths", lengths)):
+        _require_tensor(fn, name, t)
+    if q.dim() != 3:
+        raise ValueError(f"{fn}: q must be 3-D [B, H, D] (one new token per row), got shape "
+                         f"{tuple(q.shape)}; squeeze the query-length axis: q[:, :, 0] of a [B, H, 1, D] query")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D [B, H, T, D], got shape {tuple(t.shape)}; "
+                             "allocate the cache once at its final length T")
+    B, H, D = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{fn}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must "
+                         "have the same shape [B, H, T, D]")
+    if (k_cache.shape[0], k_cache.shape[1], k_cache.shape[3]) != (B, H, D):
+        raise ValueError(f"{fn}: q is [B, H, D] = {tuple(q.shape)} but the caches are [B, H, T, D] = "
+                         f"{tuple(k_cache.shape)}; B, H and D must match (repeat grouped K/V heads first)")
+    if D == 0 or k_cache.shape[2] == 0:
+        raise ValueError(f"{fn}: head dim D and cache length T must be >= 1, got caches of shape "
+                         f"{tuple(k_cache.shape)}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype not in _ATTN_DTYPES:
+            raise TypeError(f"{fn}: {name} must be float32, float16 or bfloat16, got {t.dtype}; "
+                            f"convert it with {name}.to(torch.bfloat16) or .float()")
+    if not q.dtype == k_cache.dtype == v_cache.dtype:
+        raise TypeError(f"{fn}: q, k_cache and v_cache must share one dtype, got {q.dtype}, "
+                        f"{k_cache.dtype}, {v_cache.dtype}; cast q with q.to(k_cache.dtype)")
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{fn}: lengths must be an int32 or int64 tensor, got {lengths.dtype}; "
+                        "build it with torch.tensor(..., dtype=torch.int32)")
+    if lengths.shape != (B,):
+        raise ValueError(f"{fn}: lengths must be 1-D [B] = ({B},), one valid length per row, got shape "
+                         f"{tuple(lengths.shape)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("lengths", lengths)):
+        if t.device != q.device:
+            raise ValueError(f"{fn}: q is on {q.device} but {name} is on {t.device}; move it with "
+                             f"{name}.to({str(q.device)!r})")
+    if check_lengths and B:
+        T = k_cache.shape[2]
+        bad = ((lengths < 1) | (lengths > T)).nonzero()  # a host sync on CUDA: see check_lengths
+        if len(bad):
+            b = int(bad[0, 0])
+            n = int(lengths[b])
+            fix = ("a length of 0 attends to nothing: write the new token's k/v into the cache first, "
+                   "then attend with lengths = position + 1") if n < 1 else \
+                f"allocate the cache at the final length (T >= {n}) or stop decoding at T"
+            raise ValueError(f"{fn}: lengths must lie in [1, T={T}] (row b attends to cache positions "
+                             f"[0, lengths[b])), got lengths[{b}] = {n}; {fix}")
+    scale = D ** -0.5 if scale is None else float(scale)
+    if scale != scale or scale in (float("inf"), float("-inf")):
+        raise ValueError(f"{fn}: scale must be finite, got {scale}; leave it None for D**-0.5")
+    return scale
+
+
+def _unit_d(t):
+    """t itself when its last dim has unit stride (any other strides: a view of a bigger cache
+    buffer is fine), else a contiguous copy (slow: a whole-cache copy per call)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _decode_attention_cpu(q, k, v, lengths, scale):
+    return ref.decode_attention_ref(q, k, v, lengths, scale=scale)
+
+
+def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, check_lengths=True):
+    """Attention of one new query per (row, head) over a static KV cache (KV-cached decoding).
+
+    ``out[b, h] = softmax(scale * q[b, h] . k_cache[b, h, :L].T) @ v_cache[b, h, :L]`` with
+    ``L = lengths[b]``: cache positions at or after ``lengths[b]`` are never read.
+
+    Parameters
+    ----------
+    q : Tensor [B, H, D], float32 / float16 / bfloat16.
+    k_cache, v_cache : Tensor [B, H, T, D], q's dtype and device; allocated once at the final length T.
+        Any strides (e.g. a slice of a bigger [layers, B, H, T, D] buffer) as long as the last dim
+        has unit stride; otherwise they are copied on every call.
+    lengths : Tensor [B], int32 / int64, same device: row b attends to positions [0, lengths[b]),
+        1 <= lengths[b] <= T.
+    scale : optional float, default D**-0.5.
+    check_lengths : check 1 <= lengths <= T here (default). On CUDA that reads the lengths back to
+        the host, a sync per call: a decode loop passes False once its lengths are known good. Unchecked,
+        a length outside [1, T] acts as clamped to [0, T], and a length of 0 gives a zero row (no NaN).
+
+    Returns
+    -------
+    Tensor [B, H, D] in q's dtype; softmax and accumulation are fp32 for every dtype.
+
+    Example
+    -------
+    >>> k_cache[:, :, t], v_cache[:, :, t] = k, v          # [B, H, D] each, the new token
+    >>> out = decode_attention(q, k_cache, v_cache, lengths)  # lengths = t + 1 per row
+    """
+    scale = _check_decode_attention(q, k_cache, v_cache, lengths, scale, check_lengths)
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        return torch.empty_like(q)
+    backend = backend_for(q)
+    if backend == "ref":
+        return ref.decode_attention_ref(q, k_cache, v_cache, lengths, scale=scale)
+    q, k, v = (_unit_d(t.detach()) for t in (q, k_cache, v_cache))
+    if backend == "triton":
+        return _triton("decode_attention").decode_attention(q, k, v, lengths, scale)
+    return _decode_attention_cpu(q, k, v, lengths, scale)

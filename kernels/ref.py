@@ -83,3 +83,47 @@ def nearest_code_taming(z, embedding):
     d = torch.sum(z ** 2, dim=1, keepdim=True) + torch.sum(embedding ** 2, dim=1) - \
         2 * torch.matmul(z, embedding.t())
     return torch.argmin(d, dim=1)
+
+
+# ---- decode attention (one new query per row against a static KV cache) ---------------------------
+def decode_attention_ref(q, k_cache, v_cache, lengths, *, scale=None):
+    """out[b, h] = softmax(scale * q[b, h] . k_cache[b, h, :L_b]) @ v_cache[b, h, :L_b], L_b = lengths[b].
+
+    q: [B, H, D]; k_cache, v_cache: [B, H, T, D]; lengths: [B] int. fp32 math for every storage
+    dtype; the result is cast back to q's dtype. Lengths outside [1, T] (which kernels.decode_attention
+    rejects unless told not to check) behave as if clamped to [0, T], and a row with no position
+    gets zeros. Reads the valid part of K and V once (2*B*H*L*D elements) plus q, writes B*H*D;
+    4*B*H*L*D FLOPs (two dot products per position), see decode_attention_cost. Materialises the
+    [B, H, T] fp32 scores and reads all T positions, which the kernels never do.
+    """
+    B, H, T, D = k_cache.shape
+    scale = D ** -0.5 if scale is None else float(scale)
+    s = torch.einsum("bhd,bhtd->bht", q.float(), k_cache.float()) * scale      # (B, H, T)
+    valid = torch.arange(T, device=k_cache.device) < lengths.to(k_cache.device)[:, None]  # (B, T)
+    p = torch.softmax(s.masked_fill(~valid[:, None, :], float("-inf")), dim=-1)
+    p = torch.where(valid.any(1)[:, None, None], p, 0.0)                        # empty row -> 0, not NaN
+    return torch.einsum("bht,bhtd->bhd", p, v_cache.float()).to(q.dtype)
+
+
+def decode_attention_min_dalle(q, k_cache, v_cache, lengths, *, scale=None):
+    """min-dalle's decoder self-attention step, in our [B, H, T, D] layout: the peer to beat.
+
+    Every step attends over all T cache positions with an additive -1e12 bias on the unused ones,
+    in the cache's dtype: reads all 2*B*H*T*D cache elements (not just the valid ones) and writes
+    and reads two [B, H, T] temporaries (the scores, then the softmax).
+    """
+    T, D = k_cache.shape[2], k_cache.shape[3]
+    scale = D ** -0.5 if scale is None else float(scale)
+    mask = torch.arange(T, device=k_cache.device) < lengths.to(k_cache.device)[:, None]   # (B, T)
+    bias = (1 - mask.to(q.dtype)) * -1e12
+    w = torch.einsum("bhd,bhtd->bht", q * scale, k_cache) + bias[:, None, :]
+    return torch.einsum("bht,bhtd->bhd", torch.softmax(w, -1), v_cache)
+
+
+def decode_attention_cost(batch, heads, dim, kv_len, cache_bytes=2, q_bytes=None):
+    """(bytes, flops) one call must at least move and compute: K and V read over the kv_len valid
+    positions of each of the batch*heads rows (kv_len may be a mean), q read and the output written
+    (q_bytes each, default cache_bytes); 2 FLOPs per multiply-add of q.k and of p*v."""
+    q_bytes = cache_bytes if q_bytes is None else q_bytes
+    rows = batch * heads
+    return (2 * rows * kv_len * dim * cache_bytes + 2 * rows * dim * q_bytes, 4 * rows * kv_len * dim)
