@@ -40,7 +40,7 @@ class _ImageGraph(nn.Module):
 
 
 def export_clip(model, out_dir, *, check: bool = True, atol: float = 1e-4) -> dict[str, Path]:
-    """Write `clip_image.onnx` and `clip_text.onnx` for an fp32 `mmfast.models.clip.CLIP`."""
+    """Write `clip_image.onnx` and `clip_text.onnx` for an fp32 `mmfast.clip.model.CLIP`."""
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise ValueError("export_clip needs an fp32 model (load with dtype='fp32'); int8/bf16 towers "
                          "are quantized by the runtime, not exported")

@@ -104,15 +104,14 @@ def _cpu_views(q, gallery, gallery_scale):
     return q.detach().numpy(), g.numpy(), _GALLERY_KINDS[gallery.dtype], s
 
 
-def _triton_similarity():
-    """kernels/similarity.py, imported on first use (it needs triton)."""
+def _triton(op: str):
+    """kernels/triton/<op>.py, imported on first CUDA use (it needs triton)."""
     import importlib
 
-    global similarity
-    op = similarity
-    mod = importlib.import_module(f"{__name__}.similarity")
-    similarity = op  # importing a submodule binds it on the package, over the op of the same name
-    return mod
+    try:
+        return importlib.import_module(f"{__name__}.triton.{op}")
+    except ImportError as err:
+        raise ImportError(f"{op} on CUDA tensors needs triton: pip install 'mmfast[gpu]'") from err
 
 
 def similarity_prefilter(gallery, *, chunk=65536):
@@ -218,7 +217,7 @@ def similarity_topk(queries, gallery, k, *, scale=None, normalize_queries=True, 
                                        gallery_scale=gallery_scale)
     q = _prepared_queries(queries, scale, normalize_queries)
     if backend == "triton":
-        return _triton_similarity().similarity_topk(q, gallery, k, gallery_scale=gallery_scale)
+        return _triton("similarity").similarity_topk(q, gallery, k, gallery_scale=gallery_scale)
     scores = torch.empty(q.shape[0], k, dtype=torch.float32)
     ids = torch.empty(q.shape[0], k, dtype=torch.int64)
     qn, gn, kind, sn = _cpu_views(q, gallery, gallery_scale)
@@ -248,7 +247,7 @@ def similarity(queries, gallery, *, scale=None, gallery_scale=None):
         return ref.similarity_ref(queries, gallery, scale=scale, gallery_scale=gallery_scale)
     q = _prepared_queries(queries, scale, True)
     if backend == "triton":
-        return _triton_similarity().similarity(q, gallery, gallery_scale=gallery_scale)
+        return _triton("similarity").similarity(q, gallery, gallery_scale=gallery_scale)
     out = torch.empty(q.shape[0], gallery.shape[0], dtype=torch.float32)
     qn, gn, kind, sn = _cpu_views(q, gallery, gallery_scale)
     _C.similarity(qn, gn, kind, sn, out.numpy())
@@ -338,11 +337,7 @@ def nearest_code(x, codebook, *, codebook_sqnorm=None, return_distance=False):
     e = e if e.stride(1) == 1 else e.contiguous()
     sq = None if codebook_sqnorm is None else codebook_sqnorm.detach().contiguous()
     if backend == "triton":
-        try:  # needs triton: imported on first CUDA use
-            from . import codebook as triton_codebook
-        except ImportError as err:
-            raise ImportError("nearest_code on CUDA tensors needs triton: pip install 'mmfast[gpu]'") from err
-        ids, dist = triton_codebook.nearest_code(x2, e, sq, return_distance)
+        ids, dist = _triton("codebook").nearest_code(x2, e, sq, return_distance)
     else:
         ids = torch.empty(x2.shape[0], dtype=torch.int64)
         dist = torch.empty(x2.shape[0], dtype=torch.float32) if return_distance else None

@@ -1,8 +1,7 @@
 """mmfast — a performance-first inference engine for multimodal models."""
 __version__ = "0.1.0"
 
-from .clip import Clip, load_clip  # noqa: E402
-from .config import ClipConfig, clip_preset  # noqa: E402
+from .clip import Clip, ClipConfig, clip_preset, load_clip  # noqa: E402
 from .index import SimilarityIndex  # noqa: E402
 
 __all__ = ["Clip", "ClipConfig", "SimilarityIndex", "clip_preset", "load_clip", "__version__"]

@@ -62,7 +62,7 @@ def cases(args):
     import open_clip
     from transformers import CLIPTokenizer
 
-    from mmfast.tokenizers import ClipTokenizer
+    from mmfast.clip.tokenizer import ClipTokenizer
     n = 1000 if args.quick else 10_000
     mm, oc = ClipTokenizer.default(), open_clip.tokenizer.SimpleTokenizer()
     d = _hf_dir()

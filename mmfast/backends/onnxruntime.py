@@ -1,4 +1,4 @@
-"""CLIP towers on ONNX Runtime: the duck type of `mmfast.models.clip.CLIP` that `Clip` calls."""
+"""CLIP towers on ONNX Runtime: the duck type of `mmfast.clip.model.CLIP` that `Clip` calls."""
 from __future__ import annotations
 
 import tempfile

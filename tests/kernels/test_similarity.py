@@ -83,7 +83,7 @@ def _all_impls():
     impls = [("ref", lambda q, g, k, gs=None: ref.similarity_topk_ref(q, g, k, gallery_scale=gs)),
              ("cpu", lambda q, g, k, gs=None: kernels.similarity_topk(q, g, k, gallery_scale=gs))]
     try:
-        tl = kernels._triton_similarity()
+        tl = kernels._triton("similarity")
         impls.append(("triton", lambda q, g, k, gs=None: tl.similarity_topk(
             kernels._prepared_queries(q, None, True), g, k, gallery_scale=gs)))
     except ImportError:
@@ -119,7 +119,7 @@ TRITON_CASES = [  # (n, d, q, k, dtype): small shapes, the interpreter is slow
 @pytest.mark.parametrize("n,d,q,k,dtype", TRITON_CASES, ids=str)
 def test_triton_topk_and_dense_match_reference(n, d, q, k, dtype):
     pytest.importorskip("triton")
-    tl = kernels._triton_similarity()
+    tl = kernels._triton("similarity")
     gallery, gs = make_gallery(n, d, dtype)
     queries = torch.randn(q, d)
     qn = kernels._prepared_queries(queries, None, True)
@@ -162,14 +162,14 @@ def test_triton_kernel_compiles_for_the_gpu():
     from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    kernel_file = Path(kernels.__file__).parent / "similarity.py"
+    kernel_file = Path(kernels.__file__).parent / "triton" / "similarity.py"
     done = subprocess.run([sys.executable, "-c", _AOT, str(kernel_file)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_triton_module_import_keeps_public_op():
     pytest.importorskip("triton")
-    kernels._triton_similarity()
+    kernels._triton("similarity")
     assert callable(kernels.similarity) and callable(kernels.similarity_topk)
 
 

@@ -13,14 +13,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import kernels
-from .checkpoints import read_json
-from .clip_checkpoints import load_clip_checkpoint, load_into
+from .. import kernels
+from ..io import read_json
+from .load import load_clip_checkpoint, load_into
 from .config import ClipConfig
-from .models.clip import CLIP
-from .preprocess import ImagePreprocessor
-from .quantize import has_fast_bf16, has_vnni, quantize_linears_int8
-from .tokenizers import ClipTokenizer
+from .model import CLIP
+from ..preprocess import ImagePreprocessor
+from ..quantize import has_fast_bf16, has_vnni, quantize_linears_int8
+from .tokenizer import ClipTokenizer
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16, "int8": "int8"}
@@ -34,7 +34,7 @@ def load_clip(path, *, name: str | None = None, device="auto", dtype="auto", bac
     Parameters
     ----------
     path : str or Path
-        A directory or file; see `mmfast.clip_checkpoints` for the layouts.
+        A directory or file; see `mmfast.clip.load` for the layouts.
     name : str, optional
         Preset name ("ViT-B-32", "ViT-B-32-quickgelu", ...), needed only for bare state dicts.
     device : "auto" | "cpu" | "cuda" | torch.device
@@ -96,7 +96,7 @@ class Clip:
             if name not in ("fp32", "int8") or self.device.type != "cpu":
                 raise ValueError(f"backend='onnxruntime' runs on CPU in fp32 or int8; got dtype={dtype!r}, "
                                  f"device={self.device}")
-            from .backends.onnxruntime import OrtClip
+            from ..backends.onnxruntime import OrtClip
             self.dtype, self.model = name, OrtClip(model, int8=name == "int8")
             return
         self.dtype, self.model = self._choose(model, dtype)

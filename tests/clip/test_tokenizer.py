@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmfast.tokenizers import ClipTokenizer, _open_clip_words
+from mmfast.clip.tokenizer import ClipTokenizer, _open_clip_words
 
 TRICKY = [
     "", " ", "   \t\n  ", "a photo of a cat", "A PHOTO OF A CAT.", "!!!???...", "--==++**", "a...b,,,c!!",
@@ -156,12 +156,12 @@ def test_ascii_fast_path_equals_ftfy_cleaning():
 
 def test_shipped_vocab_is_open_clips():
     from open_clip.tokenizer import default_bpe
-    import mmfast.tokenizers as m
+    import mmfast.clip.tokenizer as m
     assert m._DEFAULT_BPE.read_bytes() == Path(default_bpe()).read_bytes()
 
 
 def test_mmfast_imports_neither_reference():
-    code = "import sys, mmfast.tokenizers; assert not {'open_clip', 'transformers'} & set(sys.modules)"
+    code = "import sys, mmfast.clip.tokenizer; assert not {'open_clip', 'transformers'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

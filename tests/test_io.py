@@ -1,4 +1,4 @@
-"""mmfast.checkpoints: every format round-trips; TorchScript is read without running it;
+"""mmfast.io: every format round-trips; TorchScript is read without running it;
 pickles that try to run code and corrupt files fail with a clear error."""
 import os
 import pickle
@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from mmfast.checkpoints import read_json, read_state_dict, read_torchscript
+from mmfast.io import read_json, read_state_dict, read_torchscript
 
 # torch.jit is deprecated upstream, but OpenAI's CLIP weights ship as TorchScript archives.
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),

@@ -1,4 +1,4 @@
-"""CLIP checkpoints as people have them -> (ClipConfig, state dict in mmfast.models.clip's names).
+"""CLIP checkpoints as people have them -> (ClipConfig, state dict in mmfast.clip.model's names).
 
 Layouts understood (the config is inferred from the files; nothing is downloaded):
 - open_clip directory: `open_clip_config.json` + `open_clip_model.safetensors` (or
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import read_json, read_state_dict
+from ..io import read_json, read_state_dict
 from .config import ClipConfig, ClipTextConfig, ClipVisionConfig, clip_preset
 
 # Keys some checkpoints carry that are not weights (OpenAI's archive stores sizes; open_clip a mask).

@@ -2,7 +2,7 @@
 
 Parameter names are OpenAI's (`visual.transformer.resblocks.0.mlp.c_fc.weight`, ...) except that
 the fused qkv projection is a module (`attn.in_proj.weight`, not `attn.in_proj_weight`);
-`mmfast.clip_checkpoints` maps OpenAI, open_clip and Hugging Face files onto these names. Two things make it faster than the references without changing a result:
+`mmfast.clip.load` maps OpenAI, open_clip and Hugging Face files onto these names. Two things make it faster than the references without changing a result:
 - the patch embedding (a conv whose stride equals its kernel) runs as one matmul over patches;
 - text runs only up to the longest pooled (EOT) position of the batch: attention is causal, so
   later positions can never change the pooled token, and most prompts use ~10 of the 77 positions.
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ClipConfig, ClipTextConfig, ClipVisionConfig
+from .config import ClipConfig, ClipTextConfig, ClipVisionConfig
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ class Attention(nn.Module):
 
     nn.MultiheadAttention stores that projection as raw `in_proj_weight` / `in_proj_bias`; here it
     is an nn.Linear (`in_proj.weight`) so every projection can be swapped for a quantized one alike.
-    `mmfast.clip_checkpoints` renames the keys.
+    `mmfast.clip.load` renames the keys.
     """
 
     def __init__(self, width: int, heads: int):

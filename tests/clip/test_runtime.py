@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import mmfast
-from mmfast.clip import Clip
-from mmfast.clip_checkpoints import load_clip_checkpoint
+from mmfast.clip.runtime import Clip
+from mmfast.clip.load import load_clip_checkpoint
 
 open_clip = pytest.importorskip("open_clip")
 from open_clip.push_to_hf_hub import save_config_for_hf  # noqa: E402
@@ -262,9 +262,9 @@ def test_onnxruntime_backend_matches_torch(tmp_path):
 @pytest.mark.parametrize("vnni,bf16", [(False, True), (True, True), (False, False)])
 def test_auto_mode_on_other_cpus(monkeypatch, vnni, bf16):
     """auto must pick a working mode whatever the CPU offers (probe casts inputs per candidate)."""
-    import mmfast.clip as mclip
-    from mmfast.clip_checkpoints import _rename_in_proj
-    from mmfast.config import ClipConfig, ClipTextConfig, ClipVisionConfig
+    import mmfast.clip.runtime as mclip
+    from mmfast.clip.load import _rename_in_proj
+    from mmfast.clip.config import ClipConfig, ClipTextConfig, ClipVisionConfig
     monkeypatch.setattr(mclip, "has_vnni", lambda: vnni)
     monkeypatch.setattr(mclip, "has_fast_bf16", lambda: bf16)
     ref = _tiny_open_clip(quick_gelu=False)

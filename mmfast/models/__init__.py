@@ -1,1 +1,0 @@
-"""Readable PyTorch modules, weight-compatible with the checkpoints mmfast reads."""
