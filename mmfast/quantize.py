@@ -5,6 +5,8 @@ The GEMM is fbgemm's (through torch's `quantized::linear_dynamic`), which uses V
 dot products: about 3x fp32 throughput on this class of CPU. Everything around the linears
 (LayerNorm, softmax attention, residual stream) stays fp32, which is why embeddings stay within
 cosine 0.999 of fp32; `mmfast.clip` checks that on the loaded weights before choosing this mode.
+
+The CPU feature checks and device resolution that every family's dtype="auto" rests on live here too.
 """
 from __future__ import annotations
 
@@ -26,6 +28,19 @@ def cpu_flags() -> frozenset:
     except OSError:
         pass
     return frozenset()
+
+
+def resolve_device(device) -> torch.device:
+    """"auto" -> CUDA when available, else CPU; anything else must name a usable device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device; use 'auto', 'cpu' or 'cuda'") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA GPU is visible; use device='cpu' or 'auto'")
+    return d
 
 
 def has_vnni() -> bool:

@@ -19,7 +19,7 @@ from .load import load_clip_checkpoint, load_into
 from .config import ClipConfig
 from .model import CLIP
 from ..preprocess import ImagePreprocessor
-from ..quantize import has_fast_bf16, has_vnni, quantize_linears_int8
+from ..quantize import has_fast_bf16, has_vnni, quantize_linears_int8, resolve_device
 from .tokenizer import ClipTokenizer
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -85,7 +85,7 @@ class Clip:
                  backend: str = "torch"):
         cfg: ClipConfig = model.cfg
         self.config = cfg
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.tokenizer = tokenizer or ClipTokenizer.default(context_length=cfg.text.context_length)
         self.preprocess = preprocessor or ImagePreprocessor(image_size=cfg.vision.image_size)
         model = model.eval().requires_grad_(False).float()
@@ -213,18 +213,6 @@ class Clip:
         v, t = self.config.vision, self.config.text
         return (f"Clip(ViT {v.width}x{v.layers} /{v.patch_size} @{v.image_size}, text {t.width}x"
                 f"{t.layers}, embed {self.config.embed_dim}, {self.dtype} on {self.device}, {self.backend})")
-
-
-def _device(device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device={device!r} is not a device; use 'auto', 'cpu' or 'cuda'") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA GPU is visible; use device='cpu' or 'auto'")
-    return d
 
 
 def _is_embedding(x) -> bool:
