@@ -419,7 +419,15 @@ def _unit_d(t):
 
 
 def _decode_attention_cpu(q, k, v, lengths, scale):
-    return ref.decode_attention_ref(q, k, v, lengths, scale=scale)
+    """mmfast._C's kernel: faster than torch's SDPA at every DALL-E size measured (see the top of
+    kernels/cpu/decode_attention.cpp). numpy views, no copies: 16-bit storage as int16 bit patterns."""
+    if not hasattr(_C, "decode_attention"):  # pragma: no cover - a _C built before this op existed
+        return ref.decode_attention_ref(q, k, v, lengths, scale=scale)
+    out = torch.empty(q.shape, dtype=q.dtype)
+    bits = (lambda t: t.view(torch.int16)) if q.dtype != torch.float32 else (lambda t: t)
+    _C.decode_attention(bits(q).numpy(), bits(k).numpy(), bits(v).numpy(), lengths.contiguous().numpy(),
+                        scale, bits(out).numpy(), str(q.dtype).removeprefix("torch."))
+    return out
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, check_lengths=True):

@@ -37,3 +37,15 @@ def nearest_code(x: np.ndarray, codebook: np.ndarray, sqnorm: np.ndarray | None,
 
 def nearest_code_temp_bytes(M: int, K: int, D: int, dtype: str) -> int:
     """Bytes of temporaries nearest_code allocates for [M, D] x [K, D] (outputs excluded)."""
+
+# ---- decode attention (kernels/cpu/decode_attention.cpp) ------------------------------------------
+import numpy as np
+
+def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np.ndarray, scale: float,
+                     out: np.ndarray, dtype: str) -> None:
+    """out[b, h] = softmax(scale * q[b, h] . k[b, h, :L].T) @ v[b, h, :L] with L = lengths[b] clamped to
+    [0, T] (L = 0: zeros), written into out ([B, H, D], C-contiguous, q's storage). q: [B, H, D]; k, v:
+    [B, H, T, D]; any strides with unit stride along D; float32 arrays, or int16 views of float16 /
+    bfloat16 storage with dtype naming the real type ("float32" | "float16" | "bfloat16"). lengths:
+    contiguous int32 or int64 [B]. fp32 math. Releases the GIL. Validation with helpful messages lives
+    in mmfast.kernels.decode_attention."""
