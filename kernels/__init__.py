@@ -354,6 +354,7 @@ def nearest_code(x, codebook, *, codebook_sqnorm=None, return_distance=False):
 
 # ---- decode attention (one new query per row against a static KV cache) --------------------------
 _ATTN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ATTN_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _check_decode_attention(q, k_cache, v_cache, lengths, scale, check_lengths):
@@ -397,9 +398,9 @@ def _check_decode_attention(q, k_cache, v_cache, lengths, scale, check_lengths):
                              f"{name}.to({str(q.device)!r})")
     if check_lengths and B:
         T = k_cache.shape[2]
-        bad = ((lengths < 1) | (lengths > T)).nonzero()  # a host sync on CUDA: see check_lengths
-        if len(bad):
-            b = int(bad[0, 0])
+        lo, hi = torch.aminmax(lengths)  # a host sync on CUDA: see check_lengths
+        if int(lo) < 1 or int(hi) > T:
+            b = int(((lengths < 1) | (lengths > T)).nonzero()[0, 0])
             n = int(lengths[b])
             fix = ("a length of 0 attends to nothing: write the new token's k/v into the cache first, "
                    "then attend with lengths = position + 1") if n < 1 else \
@@ -413,8 +414,9 @@ def _check_decode_attention(q, k_cache, v_cache, lengths, scale, check_lengths):
 
 
 def _unit_d(t):
-    """t itself when its last dim has unit stride (any other strides: a view of a bigger cache
-    buffer is fine), else a contiguous copy (slow: a whole-cache copy per call)."""
+    """t itself (detached) when its last dim has unit stride (any other strides: a view of a bigger
+    cache buffer is fine), else a contiguous copy (slow: a whole-cache copy per call)."""
+    t = t.detach() if t.requires_grad else t
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
@@ -424,9 +426,13 @@ def _decode_attention_cpu(q, k, v, lengths, scale):
     if not hasattr(_C, "decode_attention"):  # pragma: no cover - a _C built before this op existed
         return ref.decode_attention_ref(q, k, v, lengths, scale=scale)
     out = torch.empty(q.shape, dtype=q.dtype)
-    bits = (lambda t: t.view(torch.int16)) if q.dtype != torch.float32 else (lambda t: t)
-    _C.decode_attention(bits(q).numpy(), bits(k).numpy(), bits(v).numpy(), lengths.contiguous().numpy(),
-                        scale, bits(out).numpy(), str(q.dtype).removeprefix("torch."))
+    if q.dtype == torch.float32:
+        _C.decode_attention(q.numpy(), k.numpy(), v.numpy(), lengths.contiguous().numpy(), scale, out.numpy(),
+                            "float32")
+    else:
+        i16 = torch.int16
+        _C.decode_attention(q.view(i16).numpy(), k.view(i16).numpy(), v.view(i16).numpy(),
+                            lengths.contiguous().numpy(), scale, out.view(i16).numpy(), _ATTN_NAMES[q.dtype])
     return out
 
 
@@ -464,7 +470,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, check_lengths=
     backend = backend_for(q)
     if backend == "ref":
         return ref.decode_attention_ref(q, k_cache, v_cache, lengths, scale=scale)
-    q, k, v = (_unit_d(t.detach()) for t in (q, k_cache, v_cache))
+    q, k, v = _unit_d(q), _unit_d(k_cache), _unit_d(v_cache)
     if backend == "triton":
         return _triton("decode_attention").decode_attention(q, k, v, lengths, scale)
     return _decode_attention_cpu(q, k, v, lengths, scale)
