@@ -195,7 +195,7 @@ class Generator:
             if bar is not None:
                 bar.update(B)
             if callback is not None and ((i + 1) % every == 0 or i + 1 == cfg.image_tokens):
-                callback(i + 1, out.cpu())  # the only host sync of the loop
+                callback(i + 1, out.to("cpu", copy=True))  # a snapshot; the only host sync of the loop
 
 
 def _progress_bar(total: int):
