@@ -68,10 +68,11 @@ def test_noise_is_a_function_of_seed_step_and_token():
     assert not torch.equal(uniform_noise(torch.tensor([0]), torch.tensor(5), ids[:1]), u[:1])
 
 
-def test_callback_streams_partial_tokens(gen):
+def test_callback_streams_partial_tokens(gen, capsys):
     seen = []
     out = gen.generate_tokens(["a cat", "a dog"], seed=1, every=100, callback=lambda s, t: seen.append((s, t)),
-                              **SAMPLING)
+                              progress=True, **SAMPLING)
+    assert "512/512" in capsys.readouterr().err  # the tqdm bar counts image tokens
     assert [s for s, _ in seen] == [100, 200, 256]
     first = seen[0][1]
     assert first.shape == (2, 256) and torch.equal(first[:, :100], out[:, :100])
