@@ -4,18 +4,28 @@ Formats, recognised by their bytes (the suffix only words the error):
 
 - safetensors;
 - `torch.save` files (`.bin/.pt/.pth/.ckpt`, zip or legacy pickle) through
-  `torch.load(weights_only=True)`, memory-mapped when zipped;
+  `torch.load(weights_only=True)`, memory-mapped when zipped. Files it refuses because they pickle
+  objects besides tensors (Lightning checkpoints: callback state, `argparse.Namespace` / omegaconf
+  hyper-parameters, numpy scalars) are read again by mmfast's own unpickler, in which every such
+  class is an inert placeholder: it records what the pickle hands it and runs nothing;
 - TorchScript archives (OpenAI's `clip` releases `ViT-B-32.pt` etc. are `torch.jit` zips). They
-  are read without `torch.jit.load`, which would compile and run the code inside: a restricted
+  are read without `torch.jit.load`, which would compile and run the code inside: the same
   unpickler rebuilds `<prefix>/data.pkl`, every `__torch__.*` class becomes an inert placeholder,
   tensor storages come from `<prefix>/data/<key>`, and parameter / buffer names come from the
   `__parameters__` / `__buffers__` lists of `<prefix>/code/**.py`, read as text.
 
-Anything in a pickle that would call a function other than the few that rebuild tensors is
-refused with a `ValueError`, before it runs.
+mmfast's unpickler (`_SafeUnpickler`) re-implements the opcodes that can call or mutate objects:
+REDUCE / NEWOBJ / INST / OBJ may only call the tensor-rebuilding functions and a few pure-data
+constructors (`OrderedDict`, `set`, `torch.Size`, ...) or create placeholders; BUILD may only give
+state to placeholders (and `_metadata` to an `OrderedDict`); items may only go into lists, dicts,
+sets and placeholders; EXT opcodes are refused. Nothing is imported. A pickle that names something
+that can run code (`os.system`, `builtins.eval`, `subprocess.Popen`, `importlib.import_module`, any
+other `torch` function, ...) or that calls the result of a call is refused with a `ValueError`, before
+anything is called.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import json
 import os
@@ -25,6 +35,7 @@ import re
 import struct
 import zipfile
 from collections.abc import Mapping
+from io import BytesIO
 
 import torch
 
@@ -98,7 +109,7 @@ def read_torchscript(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     with zipfile.ZipFile(path) as zf:
         layout = _script_layout(zf, prefix)
         try:
-            root = _ArchiveUnpickler(zf, prefix, path).load()
+            root = _ZipUnpickler(zf, prefix, path, placeholders=False).load()
         except _Refused as e:
             raise ValueError(f"refused to load '{path}': {e}. mmfast never runs code from checkpoint files") from None
         except Exception as e:  # noqa: BLE001 - whatever a malformed pickle raises, the file is corrupt
@@ -173,16 +184,10 @@ def _zip_layout(path: pathlib.Path) -> tuple[str, bool]:
 def _torch_load(path: pathlib.Path, mmap: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "Unsupported global" in msg or "GLOBAL" in msg:
-            found = re.search(r"GLOBAL ([\w.]+)", msg)
-            what = f" wants {found.group(1)}" if found else " wants a non-tensor object"
-            raise ValueError(f"refused to load '{path}': its pickle{what}, which could run code. mmfast "
-                             "loads checkpoints with torch.load(weights_only=True) only; if you trust the "
-                             "file, load it yourself and save its state_dict() with safetensors") from None
-        detail = msg.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
-        raise ValueError(f"'{path}' could not be read (expected {_TORCH_FORMATS}): {_first_line(detail)}") from e
+    except pickle.UnpicklingError:
+        # weights_only refuses every class it does not know, code or not: read the file again with
+        # placeholders for those classes (and a refusal for the ones that can run code).
+        return _unpickle_torch_file(path)
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, struct.error) as e:
         raise ValueError(f"'{path}' could not be read (expected {_TORCH_FORMATS}): "
                          f"{type(e).__name__}: {_first_line(str(e))}") from e
@@ -213,22 +218,29 @@ def _tensors_only(sd: Mapping, path: pathlib.Path) -> dict[str, torch.Tensor]:
     return out
 
 
-# ---------------------------------------------------------------- TorchScript, without running it
+# ---------------------------------------------------------------- pickles, as data
 
 class _Refused(pickle.UnpicklingError):
     pass
 
 
-class _ScriptObject:
-    """Inert stand-in for a `__torch__.*` class: it only keeps the state the pickle hands it."""
+class _Inert:
+    """Stand-in for a class a pickle names but mmfast never imports: it keeps what the pickle hands it
+    (call arguments, BUILD state, appended or set items) and runs nothing."""
+
+    qualname = "?"
+
+    def __init__(self, args: tuple = (), kwargs: dict | None = None):
+        self.args, self.kwargs, self.state, self.items = args, kwargs or {}, None, []
+
+    def __repr__(self):
+        return f"<inert {self.qualname}>"
+
+
+class _ScriptObject(_Inert):
+    """A `__torch__.*` (TorchScript) class: its attributes are the BUILD state."""
 
     qualname = "__torch__"
-
-    def __init__(self, *args, **kwargs):
-        self.state = None
-
-    def __setstate__(self, state):
-        self.state = state
 
 
 class _StorageType:
@@ -236,51 +248,253 @@ class _StorageType:
         self.dtype = dtype
 
 
+class _Call:
+    """A callable a pickle may reach, under its pickled name: never the target of BUILD or of added items."""
+
+    def __init__(self, fn, qualname: str, rebuilds_tensor: bool = False):
+        self.fn, self.qualname, self.rebuilds_tensor = fn, qualname, rebuilds_tensor
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
     # (storage, offset, size, stride[, requires_grad, backward_hooks, metadata]): hooks and grad are dropped.
+    if not (isinstance(storage, tuple) and len(storage) == 2 and isinstance(storage[0], torch.UntypedStorage)):
+        raise pickle.UnpicklingError(f"a tensor's storage is a {type(storage).__name__}, not a storage record")
     untyped, dtype = storage
-    return torch.empty((0,), dtype=dtype).set_(untyped, storage_offset, tuple(size), tuple(stride))
+    size, stride = tuple(size), tuple(stride)
+    if not all(isinstance(n, int) and n >= 0 for n in (storage_offset, *size, *stride)) or len(size) != len(stride):
+        raise pickle.UnpicklingError(f"malformed tensor: offset {storage_offset!r}, size {size!r}, stride {stride!r}")
+    # set_ would silently grow a storage that is too small: check the extent first.
+    end = storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else 0
+    if end * dtype.itemsize > untyped.nbytes():
+        raise pickle.UnpicklingError(f"a tensor of size {size} reaches past the end of its storage")
+    return torch.empty((0,), dtype=dtype).set_(untyped, storage_offset, size, stride)
 
 
-def _identity(value, *unused):
+def _tensor_arg(value, *unused):
+    if not isinstance(value, torch.Tensor):
+        raise pickle.UnpicklingError(f"a parameter wraps a {type(value).__name__}, not a tensor")
     return value
 
 
-# The only callables a TorchScript data.pkl may reach, each mapped to an inert equivalent.
-_SAFE_GLOBALS = {
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _identity,
+def _rebuild_from_type(func, new_type, args, state):
+    # torch._tensor._rebuild_from_type_v2: a tensor with Python attributes (state) or of a subclass
+    # (new_type); both are dropped, the plain tensor is kept.
+    if not (isinstance(func, _Call) and func.rebuilds_tensor and isinstance(args, tuple)):
+        raise _Refused("its pickle rebuilds a tensor with a function that does not rebuild tensors")
+    return func(*args)
+
+
+def _reconstructor(cls, base, state):
+    # copyreg._reconstructor: how protocol 0 / 1 pickles create objects
+    if not (isinstance(cls, type) and issubclass(cls, _Inert)):
+        raise _Refused(f"its pickle reconstructs {_describe(cls)} through copyreg")
+    obj = cls()
+    obj.state = state
+    return obj
+
+
+def _latin1(text, encoding="latin1"):
+    # _codecs.encode(text, "latin1"): how protocol 2 pickles bytes. Other codecs would import modules.
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _Refused(f"its pickle encodes with codec {encoding!r}")
+    return text.encode("latin-1")
+
+
+_TENSOR_TYPE = object()  # torch.Tensor / Parameter as the `new_type` argument of _rebuild_from_type_v2
+_TENSOR_REBUILDS = {"_rebuild_tensor_v2": _rebuild_tensor, "_rebuild_tensor": _rebuild_tensor,
+                    "_rebuild_parameter": _tensor_arg, "_rebuild_parameter_with_state": _tensor_arg}
+_CALLS = {  # the only callables a pickle may reach, each an inert or pure-data equivalent
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+    ("torch.jit._pickle", "restore_type_tag"): (lambda value, *unused: value),
+    **{("torch.jit._pickle", f"build_{k}list"): (lambda value, *unused: value)
+       for k in ("int", "double", "bool", "tensor", "generic")},
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch.jit._pickle", "restore_type_tag"): _identity,
-    **{("torch.jit._pickle", f"build_{k}list"): _identity for k in ("int", "double", "bool", "tensor", "generic")},
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "complex"): complex,
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+    ("_codecs", "encode"): _latin1,
+    ("copyreg", "_reconstructor"): _reconstructor,
 }
-
-
+_SAFE_GLOBALS = {
+    **{("torch._utils", name): _Call(fn, f"torch._utils.{name}", True) for name, fn in _TENSOR_REBUILDS.items()},
+    **{key: _Call(fn, ".".join(key)) for key, fn in _CALLS.items()},
+    **{("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)},
+    ("torch", "Tensor"): _TENSOR_TYPE,
+    ("torch._tensor", "Tensor"): _TENSOR_TYPE,
+    ("torch.nn.parameter", "Parameter"): _TENSOR_TYPE,
+}
 _QUANTIZED = {torch.qint8, torch.qint32, torch.quint8, torch.quint4x2, torch.quint2x4}
 
+# Modules (with their submodules) and names whose callables run code, start processes, import, or
+# read and write files: a pickle naming one is refused, although here it would get a placeholder.
+# Everything under `torch` not allowed above is refused as well (torch.load, torch.jit, torch.hub, fx, ...).
+_RUNS_CODE_MODULES = frozenset("""
+    os posix nt subprocess _posixsubprocess pty sys builtins importlib imp runpy code codeop pickle _pickle
+    marshal shelve dill cloudpickle joblib types functools operator _operator inspect ctypes _ctypes
+    multiprocessing concurrent threading _thread signal socket asyncio shutil tempfile io _io zipimport
+    pkgutil site sysconfig distutils setuptools pip pkg_resources webbrowser platform pdb bdb timeit trace
+    profile cProfile doctest pydoc glob fileinput linecache urllib http ftplib smtplib telnetlib xmlrpc
+    logging tkinter idlelib yaml copyreg _codecs codecs numpy.testing numpy.f2py numpy.distutils
+    numpy.ctypeslib numpy.lib.npyio numpy.lib._npyio_impl
+""".split())
+_RUNS_CODE_NAMES = frozenset("""
+    eval exec execfile compile system popen spawn fork __import__ import_module getattr setattr delattr
+    globals locals vars open load loads runstring call check_call check_output Popen apply breakpoint input
+""".split())
+# Plain builtin types keep their names as placeholders; every other builtin (eval, getattr, ...) is refused.
+_BUILTIN_TYPES = frozenset("object dict list tuple int float str bytes bytearray bool slice range type".split())
 
-class _ArchiveUnpickler(pickle.Unpickler):
-    def __init__(self, zf: zipfile.ZipFile, prefix: str, path: pathlib.Path):
-        super().__init__(zf.open(f"{prefix}/data.pkl"))
-        self._zf, self._prefix, self._path = zf, prefix, path
-        self._storages: dict[str, torch.UntypedStorage] = {}
-        self._mapped: torch.UntypedStorage | None = None
+
+def _runs_code(module: str, name: str) -> bool:
+    if module == "builtins" and name in _BUILTIN_TYPES:
+        return False
+    parts = f"{module}.{name}".split(".")
+    return (any(".".join(parts[:i]) in _RUNS_CODE_MODULES for i in range(1, len(parts)))
+            or any(p in _RUNS_CODE_NAMES for p in parts))
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, _Inert):
+        return f"an instance of {obj.qualname} (the result of another call)"
+    if isinstance(obj, _Call):
+        return obj.qualname
+    if isinstance(obj, type) and issubclass(obj, _Inert):
+        return f"the class {obj.qualname}"
+    return f"a {type(obj).__name__}"
+
+
+class _SafeUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler with every opcode that calls or mutates objects re-implemented.
+
+    `placeholders`: unknown classes (not code) become `_Inert` placeholders; when False (TorchScript
+    archives) only `__torch__.*` classes do and every other unknown name is refused.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file, placeholders: bool):
+        super().__init__(file, encoding="utf-8")
+        self._placeholders = placeholders
         self._classes: dict[str, type] = {}
 
     def find_class(self, module: str, name: str):
-        if module == "__torch__" or module.startswith("__torch__."):
-            qualname = f"{module}.{name}"
-            if qualname not in self._classes:
-                self._classes[qualname] = type(name, (_ScriptObject,), {"qualname": qualname})
-            return self._classes[qualname]
+        if self.proto < 3:  # protocol 2 writes Python 2 names (__builtin__, copy_reg); map them as pickle does
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            else:
+                module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if module == "torch" and name.endswith("Storage"):
             dtype = torch.storage._storage_type_to_dtype_map().get(name)
             if dtype is not None and dtype not in _QUANTIZED:
                 return _StorageType(dtype)
         if (module, name) in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[(module, name)]
-        raise _Refused(f"its data.pkl wants {module}.{name}, which is not a tensor-rebuilding function")
+        script = module == "__torch__" or module.startswith("__torch__.")
+        if not script and not self._placeholders:
+            raise _Refused(f"its data.pkl wants {module}.{name}, which is not a tensor-rebuilding function")
+        if module == "torch" or module.startswith("torch."):
+            raise _Refused(f"its pickle wants {module}.{name}; of torch, mmfast only rebuilds tensors, dtypes, "
+                           "sizes and devices")
+        if not script and _runs_code(module, name):
+            raise _Refused(f"its pickle wants {module}.{name}, which can run code")
+        qualname = f"{module}.{name}"
+        if qualname not in self._classes:
+            base = _ScriptObject if script else _Inert
+            self._classes[qualname] = type(name, (base,), {"qualname": qualname, "__module__": __name__})
+        return self._classes[qualname]
+
+    def get_extension(self, code):  # EXT1/2/4: the copyreg registry and its process-wide cache
+        raise _Refused(f"its pickle uses copyreg extension code {code}")
+
+    def _call(self, func, args, kwargs):
+        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            raise pickle.UnpicklingError("malformed call arguments")
+        if isinstance(func, _Call):
+            return func(*args, **kwargs)
+        if isinstance(func, type) and issubclass(func, _Inert):
+            return func(args, kwargs)
+        raise _Refused(f"its pickle calls {_describe(func)}")
+
+    def _new(self, cls, args, kwargs):
+        if isinstance(cls, _Call) and isinstance(cls.fn, type):  # OrderedDict, set, torch.Size, ...
+            return cls.fn.__new__(cls.fn, *args, **kwargs)
+        return self._call(cls, args, kwargs)
+
+    def _instantiate(self, klass, args):  # INST and OBJ (protocols 0 and 1)
+        self.append(self._call(klass, tuple(args), {}))
+
+    def _load_reduce(self):
+        args = self.stack.pop()
+        self.stack[-1] = self._call(self.stack[-1], args, {})
+
+    def _load_newobj(self):
+        args = self.stack.pop()
+        self.stack[-1] = self._new(self.stack[-1], args, {})
+
+    def _load_newobj_ex(self):
+        kwargs, args = self.stack.pop(), self.stack.pop()
+        self.stack[-1] = self._new(self.stack[-1], args, kwargs)
+
+    def _load_build(self):
+        state, inst = self.stack.pop(), self.stack[-1]
+        if isinstance(inst, _Inert):
+            inst.state = state
+        elif (type(inst) is collections.OrderedDict and isinstance(state, dict)
+              and all(isinstance(k, str) and not k.startswith("__") for k in state)):
+            vars(inst).update(state)  # Module.state_dict() carries its `_metadata` this way
+        else:
+            raise _Refused(f"its pickle sets the state of {_describe(inst)}")
+
+    def _add(self, items: list, pairs: bool):
+        target = self.stack[-1]
+        if isinstance(target, _Inert):
+            target.items.extend(zip(items[::2], items[1::2]) if pairs else items)
+        elif pairs and type(target) in (dict, collections.OrderedDict):
+            for i in range(0, len(items), 2):
+                target[items[i]] = items[i + 1]
+        elif not pairs and type(target) in (list, set):
+            (target.extend if type(target) is list else target.update)(items)
+        else:
+            raise _Refused(f"its pickle adds items to {_describe(target)}")
+
+    def _load_append(self):
+        self._add([self.stack.pop()], pairs=False)
+
+    def _load_appends(self):
+        self._add(self.pop_mark(), pairs=False)
+
+    def _load_additems(self):
+        self._add(self.pop_mark(), pairs=False)
+
+    def _load_setitem(self):
+        value = self.stack.pop()
+        self._add([self.stack.pop(), value], pairs=True)
+
+    def _load_setitems(self):
+        self._add(self.pop_mark(), pairs=True)
+
+    for _op, _fn in ((pickle.REDUCE, _load_reduce), (pickle.NEWOBJ, _load_newobj),
+                     (pickle.NEWOBJ_EX, _load_newobj_ex), (pickle.BUILD, _load_build),
+                     (pickle.APPEND, _load_append), (pickle.APPENDS, _load_appends),
+                     (pickle.ADDITEMS, _load_additems), (pickle.SETITEM, _load_setitem),
+                     (pickle.SETITEMS, _load_setitems)):
+        dispatch[_op[0]] = _fn
+    del _op, _fn
+
+
+class _ZipUnpickler(_SafeUnpickler):
+    """`<prefix>/data.pkl` of a torch zip (torch.save or TorchScript); storages are `<prefix>/data/<key>`."""
+
+    def __init__(self, zf: zipfile.ZipFile, prefix: str, path: pathlib.Path, placeholders: bool):
+        super().__init__(BytesIO(zf.read(f"{prefix}/data.pkl")), placeholders)
+        self._zf, self._prefix, self._path = zf, prefix, path
+        self._storages: dict[str, torch.UntypedStorage] = {}
+        self._mapped: torch.UntypedStorage | None = None
 
     def persistent_load(self, pid):
         # pid: ("storage", storage type, key, location, numel)
@@ -314,6 +528,79 @@ class _ArchiveUnpickler(pickle.Unpickler):
             f.readinto(memoryview(data.numpy()))
         return data.untyped_storage()
 
+
+_LEGACY_MAGIC, _LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001  # torch.serialization's, for non-zip files
+
+
+class _LegacyUnpickler(_SafeUnpickler):
+    """The main pickle of a legacy (non-zip) torch.save file; storage bytes follow it in the file."""
+
+    def __init__(self, f, budget: int):
+        super().__init__(f, placeholders=True)
+        self.roots: dict[str, tuple[torch.Tensor, torch.dtype]] = {}
+        self._budget = budget  # the file's size: the storages together cannot hold more
+
+    def persistent_load(self, pid):
+        # pid: ("storage", storage type, key, location, numel, (view key, offset, numel) or None)
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        _, stype, key, _location, numel, view = pid
+        if not (isinstance(key, str) and isinstance(numel, int) and numel >= 0):
+            raise pickle.UnpicklingError(f"malformed storage reference {pid!r}")
+        if key not in self.roots:
+            self._budget -= numel * stype.dtype.itemsize
+            if self._budget < 0:
+                raise pickle.UnpicklingError("its storages claim more bytes than the file holds")
+            self.roots[key] = (torch.empty(numel * stype.dtype.itemsize, dtype=torch.uint8), stype.dtype)
+        storage = self.roots[key][0].untyped_storage()
+        if view is not None:
+            if not (isinstance(view, tuple) and len(view) == 3
+                    and all(isinstance(v, int) and v >= 0 for v in view[1:])):
+                raise pickle.UnpicklingError(f"malformed storage view {view!r}")
+            start = view[1] * stype.dtype.itemsize
+            storage = storage[start:start + view[2] * stype.dtype.itemsize]
+        return storage, stype.dtype
+
+
+def _unpickle_torch_file(path: pathlib.Path):
+    """A torch.save file's object, with unknown classes as inert placeholders (see the module docstring)."""
+    try:
+        if zipfile.is_zipfile(path):
+            prefix, _ = _zip_layout(path)
+            with zipfile.ZipFile(path) as zf:
+                if f"{prefix}/byteorder" in zf.namelist() and zf.read(f"{prefix}/byteorder") != b"little":
+                    raise pickle.UnpicklingError("it was written on a big-endian machine")
+                return _ZipUnpickler(zf, prefix, path, placeholders=True).load()
+        with open(path, "rb") as f:
+            return _load_legacy(f, os.path.getsize(path))
+    except _Refused as e:
+        raise ValueError(f"refused to load '{path}': {e}. mmfast never runs code from checkpoint files") from None
+    except Exception as e:  # noqa: BLE001 - whatever a malformed pickle raises, the file is corrupt
+        raise ValueError(f"'{path}' could not be read (expected {_TORCH_FORMATS}): "
+                         f"{type(e).__name__}: {_first_line(str(e))}") from e
+
+
+def _load_legacy(f, budget: int):
+    # magic number, protocol version, sys info, the object, its storage keys, then each storage's bytes
+    if _SafeUnpickler(f, placeholders=False).load() != _LEGACY_MAGIC:
+        raise pickle.UnpicklingError("no torch.save magic number")
+    if _SafeUnpickler(f, placeholders=False).load() != _LEGACY_PROTOCOL:
+        raise pickle.UnpicklingError("unknown legacy protocol version")
+    info = _SafeUnpickler(f, placeholders=False).load()
+    if not (isinstance(info, dict) and info.get("little_endian", True)):
+        raise pickle.UnpicklingError("it was written on a big-endian machine")
+    unpickler = _LegacyUnpickler(f, budget)
+    obj = unpickler.load()
+    keys = _SafeUnpickler(f, placeholders=False).load()
+    for key in keys:
+        data, dtype = unpickler.roots[key]
+        (numel,) = struct.unpack("<q", f.read(8))
+        if numel * dtype.itemsize != data.numel() or f.readinto(memoryview(data.numpy())) != data.numel():
+            raise pickle.UnpicklingError(f"storage {key} is truncated or has the wrong size")
+    return obj
+
+
+# ---------------------------------------------------------------- TorchScript, without running it
 
 _CLASS_RE = re.compile(r"^class (\w+)\(", re.M)
 _SLOTS_RE = re.compile(r"^\s+(__parameters__|__buffers__) = \[(.*)\]\s*$", re.M)

@@ -2,6 +2,7 @@
 pickles that try to run code and corrupt files fail with a clear error."""
 import os
 import pickle
+import re
 import zipfile
 
 import pytest
@@ -13,7 +14,8 @@ from mmfast.io import read_json, read_state_dict, read_torchscript
 
 # torch.jit is deprecated upstream, but OpenAI's CLIP weights ship as TorchScript archives.
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")]
+              pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+              pytest.mark.filterwarnings("ignore:Detected pickle protocol 4:UserWarning")]
 
 
 def assert_same_state(ours: dict, ref: dict):
@@ -222,6 +224,129 @@ def test_malicious_torchscript_is_refused(tmp_path, tiny_clip, which):
     with pytest.raises(ValueError, match="refused"):
         read_state_dict(path)
     assert not sentinel.exists()
+
+
+# ---------------------------------------------------------------- objects weights_only refuses, kept inert
+
+class Unimportable:
+    """Its module is hidden while loading: nothing may import it to rebuild it."""
+
+    def __init__(self):
+        self.best = torch.tensor(0.5)
+
+    def __setstate__(self, state):  # a real unpickler would run this
+        raise AssertionError("the pickled object's code ran")
+
+
+class Color(__import__("enum").Enum):
+    RED = 1
+
+
+def lightning_like(sd: dict) -> dict:
+    import argparse
+    import collections
+    import datetime
+    import pathlib
+
+    import numpy as np
+
+    weights = collections.OrderedDict(sd)
+    weights._metadata = {"": {"version": 1}}  # what Module.state_dict() carries
+    return {"state_dict": weights, "epoch": 3,
+            "callbacks": {Unimportable: {"best_model_score": torch.tensor(0.1)}, "ckpt": Unimportable()},
+            "hyper_parameters": {"args": argparse.Namespace(lr=np.float64(1e-3), seed=np.int64(3)),
+                                 "dtype": np.dtype("f4"), "array": np.arange(4.0),
+                                 "counts": collections.defaultdict(list, a=[1]), "set": {1, 2},
+                                 "frozen": frozenset({3}), "enum": Color.RED, "path": pathlib.Path("/tmp/x"),
+                                 "when": datetime.datetime(2021, 1, 1), "device": torch.device("cpu"),
+                                 "torch_dtype": torch.float16, "bytes": b"\x00\xff", "ba": bytearray(b"ab"),
+                                 "complex": 1 + 2j, "size": torch.Size([2, 3])},
+            "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 0.1}]}]}
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("zipped", [True, False])
+def test_objects_weights_only_refuses_load_inert(tmp_path, monkeypatch, zipped, protocol):
+    sd = state()
+    path = tmp_path / "last.ckpt"
+    torch.save(lightning_like(sd), path, _use_new_zipfile_serialization=zipped, pickle_protocol=protocol)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    imported = []
+    real_import = __builtins__["__import__"] if isinstance(__builtins__, dict) else __builtins__.__import__
+    monkeypatch.setattr("builtins.__import__",
+                        lambda name, *a, **k: imported.append(name) or real_import(name, *a, **k))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(pickle.UnpicklingError("refused")))
+    assert_same_state(read_state_dict(path), sd)
+    assert __name__ not in imported and "argparse" not in imported and "numpy" not in imported
+
+
+def with_data_pkl(tmp_path, data: bytes):
+    """A torch.save zip whose data.pkl is `data` (hand-written opcodes no pickler emits)."""
+    src, path = tmp_path / "good.pt", tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2)}, src)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, data if info.filename.endswith("/data.pkl") else zin.read(info))
+    return path
+
+
+def short(s: str) -> bytes:
+    return b"\x8c" + bytes([len(s)]) + s.encode()
+
+
+HOSTILE = {
+    # a call of the result of a call: factory()("x")
+    "call of a call": (b"\x80\x02cmylib\nfactory\n)R(X\x01\x00\x00\x00xtR.", "calls an instance of mylib.factory"),
+    # BUILD on an allowed callable (would set attributes of a real function or class)
+    "BUILD on a class": (b"\x80\x02ccollections\nOrderedDict\n}X\x01\x00\x00\x00aK\x01sb.",
+                         "sets the state of collections.OrderedDict"),
+    "BUILD __defaults__": (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__)s\x86b.",
+                           "sets the state of torch._utils._rebuild_tensor_v2"),
+    "BUILD of a dunder on an OrderedDict": (b"\x80\x02ccollections\nOrderedDict\n)R}X\x09\x00\x00\x00__class__Nsb.",
+                                            "sets the state of a OrderedDict"),
+    "SETITEM on a class": (b"\x80\x02ccollections\nOrderedDict\nX\x01\x00\x00\x00aK\x01s.",
+                           "adds items to collections.OrderedDict"),
+    "EXT1": (b"\x80\x02\x82\x01.", "extension code 1"),
+    "STACK_GLOBAL": (b"\x80\x04" + short("posix") + short("system") + b"\x93" + short("id") + b"\x85R.",
+                     "posix.system"),
+    "dotted name": (b"\x80\x04" + short("numpy") + short("testing._private.utils.runstring") + b"\x93.",
+                    "numpy.testing._private.utils.runstring"),
+    "INST (protocol 0)": (b"(S'touch /tmp/x'\nios\nsystem\n.", "os.system"),
+    "copyreg on a real class": (b"\x80\x02ccopy_reg\n_reconstructor\nccollections\nOrderedDict\n"
+                                b"c__builtin__\nobject\nN\x87R.",
+                                "reconstructs collections.OrderedDict through copyreg"),
+    "getattr": (b"\x80\x02c__builtin__\ngetattr\n.", "builtins.getattr"),
+    "torch function": (b"\x80\x02ctorch.serialization\nload\n.", "torch.serialization.load"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_opcodes_are_refused(tmp_path, case):
+    from mmfast.io import _unpickle_torch_file  # the reader read_state_dict falls back to
+
+    data, why = HOSTILE[case]
+    path = with_data_pkl(tmp_path, data)
+    with pytest.raises(ValueError, match=rf"refused to load .*evil\.pt.*{re.escape(why)}"):
+        _unpickle_torch_file(path)
+    with pytest.raises(ValueError):  # weights_only first, then the fallback: never a result
+        read_state_dict(path)
+    assert torch._utils._rebuild_tensor_v2.__defaults__ == (None,)
+
+
+def test_malformed_tensor_records(tmp_path):
+    # a tensor that reaches past its storage: torch would grow the storage; here the file is corrupt
+    from mmfast.io import _unpickle_torch_file
+
+    torch.save({"w": torch.zeros(4), "x": Unimportable()}, tmp_path / "good.pt", _use_new_zipfile_serialization=False)
+    data = (tmp_path / "good.pt").read_bytes()
+    i = data.index(b"\x4b\x04\x85")  # the size tuple (4,) right after the storage reference
+    (tmp_path / "big.pt").write_bytes(data[:i] + b"\x4b\x05\x85" + data[i + 3:])
+    with pytest.raises(ValueError, match=r"big\.pt' could not be read.*past the end of its storage"):
+        _unpickle_torch_file(tmp_path / "big.pt")
+    (tmp_path / "short.pt").write_bytes(data[:-4])
+    with pytest.raises(ValueError, match=r"short\.pt' could not be read.*truncated"):
+        read_state_dict(tmp_path / "short.pt")
 
 
 # ---------------------------------------------------------------- missing and corrupt files
