@@ -3,5 +3,7 @@ __version__ = "0.1.0"
 
 from .clip import Clip, ClipConfig, clip_preset, load_clip  # noqa: E402
 from .index import SimilarityIndex  # noqa: E402
+from .vqgan import VQ, VQConfig, load_vq, vq_preset  # noqa: E402
 
-__all__ = ["Clip", "ClipConfig", "SimilarityIndex", "clip_preset", "load_clip", "__version__"]
+__all__ = ["Clip", "ClipConfig", "SimilarityIndex", "VQ", "VQConfig", "clip_preset", "load_clip", "load_vq",
+           "vq_preset", "__version__"]

@@ -1,8 +1,9 @@
-"""`mmfast ...` / `python -m mmfast ...`: info, classify, embed."""
+"""`mmfast ...` / `python -m mmfast ...`: info, classify, embed, vq encode / decode."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -75,8 +76,39 @@ def _embed(args) -> None:
     print(f"wrote {tuple(emb.shape)} float32 embeddings to {out}")
 
 
+def _vq_encode(args) -> None:
+    from .vqgan import load_vq
+    out = Path(args.output)
+    if out.suffix != ".npy":
+        sys.exit(f"mmfast vq encode: --output {out} must end in .npy")
+    vq = load_vq(args.model, name=args.name, config=args.config, device=args.device, dtype=args.dtype)
+    tokens = vq.encode([str(p) for p in args.images], size=args.size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, tokens.numpy())
+    print(f"wrote {tuple(tokens.shape)} int64 tokens of {len(args.images)} image(s) to {out}")
+
+
+def _vq_decode(args) -> None:
+    from PIL import Image
+
+    from .vqgan import load_vq
+    tokens = np.load(args.tokens, allow_pickle=False)
+    vq = load_vq(args.model, name=args.name, config=args.config, device=args.device, dtype=args.dtype)
+    images = vq.decode(tokens).numpy()                                  # (B, H, W, 3) uint8
+    b, h, w, _ = images.shape
+    cols = min(b, args.columns) if args.columns else math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    grid = np.zeros((rows * h, cols * w, 3), np.uint8)                  # one PNG: a grid of B images
+    for i, im in enumerate(images):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(out)
+    print(f"wrote {b} image(s) of {w}x{h} as a {cols}x{rows} grid to {out}")
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="mmfast", description="Fast multimodal inference (CLIP).")
+    ap = argparse.ArgumentParser(prog="mmfast", description="Fast multimodal inference (CLIP, VQGAN).")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def model_args(p, required=True):
@@ -104,6 +136,30 @@ def main(argv=None) -> None:
     p.add_argument("--texts-file", help="UTF-8 file, one text per line")
     p.add_argument("-o", "--output", required=True, help="out.npy or out.safetensors")
     p.set_defaults(fn=_embed)
+
+    p = sub.add_parser("vq", help="VQGAN: images <-> discrete tokens")
+    vq_sub = p.add_subparsers(dest="vq_cmd", required=True)
+
+    def vq_model_args(p):
+        p.add_argument("--model", required=True, help="taming .ckpt (or its folder), ru-dalle Gumbel "
+                       ".ckpt, min-dalle detoker.pt, or a state dict with --name")
+        p.add_argument("--name", help="preset for bare state dicts, e.g. vqgan-f16-16384")
+        p.add_argument("--config", help="the run's model.yaml when it is not beside the checkpoint")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+
+    p = vq_sub.add_parser("encode", help="images -> tokens.npy (int64 [B, h, w])")
+    vq_model_args(p)
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--size", type=int, help="side after resize + centre crop (default: the model's)")
+    p.add_argument("-o", "--output", required=True, help="tokens.npy")
+    p.set_defaults(fn=_vq_encode)
+    p = vq_sub.add_parser("decode", help="tokens.npy -> one PNG (a grid when B > 1)")
+    vq_model_args(p)
+    p.add_argument("tokens", type=Path, help=".npy of int tokens [B, h, w] or flat [B, h*w]")
+    p.add_argument("--columns", type=int, default=0, help="grid columns (default: about sqrt(B))")
+    p.add_argument("-o", "--output", required=True, help="out.png")
+    p.set_defaults(fn=_vq_decode)
 
     args = ap.parse_args(argv)
     try:
