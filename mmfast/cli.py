@@ -1,4 +1,4 @@
-"""`mmfast ...` / `python -m mmfast ...`: info, classify, embed, vq encode / decode."""
+"""`mmfast ...` / `python -m mmfast ...`: info, classify, embed, vq encode / decode, generate."""
 from __future__ import annotations
 
 import argparse
@@ -89,26 +89,51 @@ def _vq_encode(args) -> None:
 
 
 def _vq_decode(args) -> None:
-    from PIL import Image
-
     from .vqgan import load_vq
     tokens = np.load(args.tokens, allow_pickle=False)
     vq = load_vq(args.model, name=args.name, config=args.config, device=args.device, dtype=args.dtype)
     images = vq.decode(tokens).numpy()                                  # (B, H, W, 3) uint8
     b, h, w, _ = images.shape
     cols = min(b, args.columns) if args.columns else math.ceil(math.sqrt(b))
-    rows = math.ceil(b / cols)
-    grid = np.zeros((rows * h, cols * w, 3), np.uint8)                  # one PNG: a grid of B images
-    for i, im in enumerate(images):
-        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(out)
-    print(f"wrote {b} image(s) of {w}x{h} as a {cols}x{rows} grid to {out}")
+    _grid(list(images), cols).save(out)                                 # one PNG: a grid of B images
+    print(f"wrote {b} image(s) of {w}x{h} as a {cols}x{math.ceil(b / cols)} grid to {out}")
+
+
+def _generate(args) -> None:
+    from .dalle import load_generator
+    gen = load_generator(args.model, variant=args.variant, device=args.device, dtype=args.dtype,
+                         vqgan=args.vqgan or "auto")
+    clip = None
+    if args.rerank_with:
+        from .clip import load_clip
+        clip = load_clip(args.rerank_with, device=args.device)
+    images = gen.generate(args.prompts, n=args.n, seed=args.seed, top_k=args.top_k, top_p=args.top_p,
+                          temperature=args.temperature, guidance=args.guidance, rerank_with=clip,
+                          progress=args.progress)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _grid([np.asarray(im) for im in images], args.n).save(out)        # a row per prompt
+    for im in images:
+        score = f"  clip {im.info['clip_score']:.4f}" if "clip_score" in im.info else ""
+        print(f"{im.info['prompt']!r} seed {im.info['seed']}{score}")
+    print(f"wrote {len(images)} image(s), {args.n} per prompt, to {out}")
+
+
+def _grid(images: list, cols: int):
+    from PIL import Image
+
+    h, w, _ = images[0].shape
+    rows = math.ceil(len(images) / cols)
+    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+    for i, im in enumerate(images):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
+    return Image.fromarray(grid)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="mmfast", description="Fast multimodal inference (CLIP, VQGAN).")
+    ap = argparse.ArgumentParser(prog="mmfast", description="Fast multimodal inference (CLIP, VQGAN, DALL·E).")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def model_args(p, required=True):
@@ -160,6 +185,24 @@ def main(argv=None) -> None:
     p.add_argument("--columns", type=int, default=0, help="grid columns (default: about sqrt(B))")
     p.add_argument("-o", "--output", required=True, help="out.png")
     p.set_defaults(fn=_vq_decode)
+
+    p = sub.add_parser("generate", help="DALL·E mini / mega: prompts -> a PNG grid (a row per prompt)")
+    p.add_argument("prompts", nargs="+")
+    p.add_argument("--model", required=True, help="min-dalle's models_root or a dalle_bart_mini/mega folder")
+    p.add_argument("--variant", choices=["mini", "mega"], help="when the models_root holds both")
+    p.add_argument("--vqgan", help="VQGAN file (default: vqgan/detoker.pt beside the model)")
+    p.add_argument("-n", type=int, default=4, help="images per prompt")
+    p.add_argument("--seed", type=int, help="image k of the run gets seed + k (default: random)")
+    p.add_argument("--top-k", type=int, default=256)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--guidance", type=float, default=16.0, help="supercondition factor (1 = none)")
+    p.add_argument("--rerank-with", help="a CLIP checkpoint: each prompt's images best first")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--out", required=True, help="grid.png")
+    p.set_defaults(fn=_generate)
 
     args = ap.parse_args(argv)
     try:

@@ -7,9 +7,8 @@ at its final size. Each of the 256 steps is `decode_step`, a function of tensors
 Image i of prompt p gets seed `seed + p * n + i`, and its tokens depend on that seed and its
 prompt only (see `sampling`), so any batch composition gives the same images.
 
-Turning tokens into pixels (the VQGAN, `mmfast.vqgan`) and CLIP reranking are attached from
-outside: `Generator.decode_tokens` is the hook, `Generator.detoker_path` the VQGAN file found
-beside the checkpoint.
+`Generator.generate` is where the families meet: the VQGAN (`mmfast.vqgan`, attached by
+`load_generator` or `attach_vq`) turns tokens into pixels and a `mmfast.Clip` reranks them.
 """
 from __future__ import annotations
 
@@ -97,7 +96,8 @@ class Generator:
 
     Attributes
     ----------
-    decode_tokens : callable LongTensor [N, 256] -> images, or None. The VQGAN hook (set from outside).
+    vq : the `mmfast.VQ` that turns tokens into pixels (`attach_vq`; `load_generator` attaches
+        min-dalle's `vqgan/detoker.pt` when it is beside the checkpoint), or None.
     detoker_path : Path or None, min-dalle's `vqgan/detoker.pt` found beside the checkpoint.
     decode_step : the per-token function; replace it with e.g. `torch.compile(decode_step)`.
     """
@@ -111,7 +111,7 @@ class Generator:
         self.decoder = decoder.eval().requires_grad_(False).to(self.device).cast(self.dtype)
         self.tokenizer = tokenizer
         self.detoker_path = detoker_path
-        self.decode_tokens: Callable[[torch.Tensor], object] | None = None
+        self.vq = None  # the VQGAN (mmfast.VQ) that turns tokens into pixels; see attach_vq
         self.decode_step = decode_step
 
     def generate_tokens(self, prompts: str | Sequence[str], *, n: int = 1, seed=None, top_k: int = 256,
@@ -198,6 +198,84 @@ class Generator:
                 callback(i + 1, out.to("cpu", copy=True))  # a snapshot; the only host sync of the loop
 
 
+    # ---- images: the VQGAN turns tokens into pixels, CLIP ranks them ------------------------------
+    def generate(self, prompts: str | Sequence[str], *, n: int = 1, seed=None, top_k: int = 256,
+                 top_p: float = 1.0, temperature: float = 1.0, guidance: float = 16.0, rerank_with=None,
+                 return_tokens: bool = False, batch_size: int | None = None, progress: bool = False,
+                 callback: Callable[[int, list], None] | None = None, every: int = 32):
+        """Sample `n` images for every prompt and decode them with the VQGAN.
+
+        Arguments as in `generate_tokens`; in addition:
+
+        rerank_with : a loaded `mmfast.Clip`: each prompt's images are scored by the cosine
+            similarity of their CLIP embedding to the prompt's and returned best first.
+        return_tokens : also return the tokens [len(prompts) * n, 256] in the returned order.
+        callback, every : `callback(step, images)` with partial images (PIL, not-yet-written
+            tokens decoded as the start token) every `every` tokens: a stream of previews.
+
+        Returns
+        -------
+        list of PIL images (grouped by prompt), or (images, tokens) with `return_tokens`. Each
+        image's `info` holds "prompt", "seed" and, when reranked, "clip_score".
+
+        Example
+        -------
+        >>> images = gen.generate("a watercolor fox", n=4, seed=0, rerank_with=clip)   # doctest: +SKIP
+        >>> images[0].info["clip_score"], images[0].save("best.png")
+        """
+        if self.vq is None:
+            raise ValueError("this generator has no VQGAN to turn tokens into pixels: pass "
+                             "vqgan='path/to/detoker.pt' (or a loaded mmfast.VQ) to load_generator, or use "
+                             "generate_tokens()")
+        if rerank_with is not None and not (hasattr(rerank_with, "encode_images")
+                                            and hasattr(rerank_with, "encode_texts")):
+            raise TypeError(f"rerank_with must be a loaded mmfast.Clip (mmfast.load_clip(...)), got "
+                            f"{type(rerank_with).__name__}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+        prompts = _check_prompts(prompts)
+        count = len(prompts) * (n if isinstance(n, int) and not isinstance(n, bool) else 1)
+        seeds = _image_seeds(seed, count)
+        preview = None if callback is None else (lambda step, t: callback(step, self._pil(t)))
+        tokens = self.generate_tokens(prompts, n=n, seed=seeds, top_k=top_k, top_p=top_p,
+                                      temperature=temperature, guidance=guidance, batch_size=batch_size,
+                                      progress=progress, callback=preview, every=every)
+        images = self._pil(tokens)
+        owner = [p for p in prompts for _ in range(n)]
+        for im, prompt, s in zip(images, owner, seeds):
+            im.info.update(prompt=prompt, seed=s)
+        if rerank_with is not None:
+            order = _rerank(rerank_with, images, prompts, n)
+            images, tokens = [images[i] for i in order], tokens[order]
+        return (images, tokens) if return_tokens else images
+
+    def _pil(self, tokens: torch.Tensor) -> list:
+        return self.vq.to_pil(self.vq.decode(tokens))
+
+    def attach_vq(self, vq) -> None:
+        """Use `vq` (an `mmfast.VQ`, or a path for `mmfast.load_vq`) to decode tokens into pixels."""
+        from ..vqgan import VQ, load_vq
+        if not isinstance(vq, VQ):
+            vq = load_vq(vq, device=self.device)
+        if vq.config.n_embed != self.config.codebook_size:
+            raise ValueError(f"vqgan: its codebook has n_embed={vq.config.n_embed} codes but this DALL·E "
+                             f"decoder samples {self.config.codebook_size} image tokens; use the VQGAN the "
+                             "decoder was trained with (min-dalle's vqgan/detoker.pt, 16384 codes)")
+        self.vq = vq
+
+
+def _rerank(clip, images: list, prompts: list[str], n: int) -> torch.Tensor:
+    """Order (a permutation of range(len(images))) putting each prompt's images best first by the
+    cosine similarity of their CLIP embeddings to the prompt's; writes info["clip_score"]."""
+    img = clip.encode_images(images)                                     # (P*n, D), normalised
+    txt = clip.encode_texts(prompts)                                     # (P, D)
+    scores = (img.view(len(prompts), n, -1) * txt[:, None]).sum(-1)     # (P, n)
+    for im, s in zip(images, scores.flatten().tolist()):
+        im.info["clip_score"] = s
+    best = scores.argsort(dim=1, descending=True, stable=True)          # (P, n)
+    return (best + torch.arange(len(prompts))[:, None] * n).flatten()
+
+
 def _progress_bar(total: int):
     try:
         from tqdm.auto import tqdm
@@ -206,7 +284,8 @@ def _progress_bar(total: int):
     return tqdm(total=total, unit="tok", desc="generating image tokens")
 
 
-def load_generator(path, *, variant: str | None = None, device="auto", dtype="auto") -> Generator:
+def load_generator(path, *, variant: str | None = None, device="auto", dtype="auto",
+                   vqgan="auto") -> Generator:
     """Load DALL·E mini / mega from min-dalle's files.
 
     Parameters
@@ -216,6 +295,8 @@ def load_generator(path, *, variant: str | None = None, device="auto", dtype="au
     variant : "mini" or "mega" when the models_root holds both.
     device : "auto" (CUDA when available) | "cpu" | "cuda" | torch.device.
     dtype : "auto" (fp32 on CPU, bf16 on CUDA) | "fp32" | "bf16" | "fp16"; logits are fp32 always.
+    vqgan : "auto" (min-dalle's `vqgan/detoker.pt` beside the checkpoint, if any), a path for
+        `mmfast.load_vq`, a loaded `mmfast.VQ`, or None (tokens only).
 
     Example
     -------
@@ -225,4 +306,8 @@ def load_generator(path, *, variant: str | None = None, device="auto", dtype="au
     """
     ckpt = load_dalle_checkpoint(path, variant)
     encoder, decoder, tokenizer = build_models(ckpt)
-    return Generator(encoder, decoder, tokenizer, device=device, dtype=dtype, detoker_path=ckpt.detoker)
+    gen = Generator(encoder, decoder, tokenizer, device=device, dtype=dtype, detoker_path=ckpt.detoker)
+    vqgan = ckpt.detoker if isinstance(vqgan, str) and vqgan == "auto" else vqgan
+    if vqgan is not None:
+        gen.attach_vq(vqgan)
+    return gen
