@@ -44,16 +44,24 @@ class Case:
 
 
 def machine() -> dict:
-    """Name the machine a row was measured on."""
+    """Name the machine a row was measured on: CPU model, family / model numbers (a bare "AMD EPYC"
+    says nothing about the generation), and the vector extensions that pick code paths."""
     cpu = platform.processor() or platform.machine()
+    fields = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if key.strip() == "flags":
                 break
     except OSError:
         pass
-    info = {"host_cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    cpu = fields.get("model name", cpu)
+    if "cpu family" in fields:
+        cpu += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
+    isa = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "avx512_fp16")
+           if f in fields.get("flags", "").split()]
+    info = {"host_cpu": cpu, "isa": isa, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
