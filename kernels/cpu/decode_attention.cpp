@@ -1,6 +1,15 @@
 // Decode attention on the CPU: out[b, h] = softmax(scale * q[b, h] . K[b, h, :L].T) V[b, h, :L],
 // L = lengths[b], one query per (row, head) against a static KV cache; positions >= L are never read.
 //
+// The CPU default of mmfast.kernels.decode_attention, chosen by measurement against torch 2.13's
+// SDPA (F.scaled_dot_product_attention) on the 2-vCPU Zen 5 machine: DALL-E mini's decoder step
+// (B = 2 and 8 rows = 1 and 4 images, H = 16, D = 64, T = 256), lengths 32 / 128 / 256, one thread
+// each, thread CPU time (this machine is shared), a different layer's cold cache every call:
+//   fp32: 1.5-2.1x faster than SDPA on the sliced cache k[:, :, :L] (which needs L on the host),
+//         1.8-6x faster than SDPA over all T with a boolean mask;
+//   bf16: 2.2-5.8x faster than the slice, 4.6-17x than the mask (torch's bf16 SDPA on this CPU
+//         runs at a fraction of its fp32 speed). benchmarks/suites/decode_attention.py has the sweeps.
+//
 // Memory-bound: a call reads the 2*L*D valid cache elements of every (row, head) once for 4*L*D
 // FLOPs, so the job is to stream K and V at memory speed with no detour through temporaries.
 // Per (row, head), D in slabs of up to 128 (8 zmm):
@@ -13,12 +22,12 @@
 // vdpbf16ps for the bf16 scores was measured on Zen 5 (which has it) and gained nothing over
 // widening (same time within noise at every DALL-E size: the kernel waits on memory, not on
 // FMAs), so the kernel is the same on CPUs with and without it (Ice Lake).
-// Threads: one, up to 32 MiB of cache read per call. One thread already streams ~38 GB/s here
-// (16 images x 16 heads x 256 x 64 fp32: 34 MiB in 0.89 ms), about the 2-vCPU machine's DRAM
-// bandwidth (39 GB/s), and on this shared machine a second std::thread made every DALL-E-sized
-// call slower (+25 us to start; milliseconds when the other vCPU was busy). Larger calls hand out
-// (row, head) pairs through an atomic counter to std::threads (not an OpenMP team: see the Team
-// note in codebook.cpp).
+// Threads: one, up to 32 MiB of cache read per call (every DALL-E mini size). Measured on the
+// 2-vCPU Zen 5 machine with cold caches (a different layer's cache every call), one thread reads
+// 29-31 GB/s (16 MiB in 0.54 ms, 32 MiB in 1.16 ms), and a second std::thread never helped: a tie
+// at 32 MiB, 5-15% slower at 4-16 MiB, 2x slower at 1 MiB (+25 us to start it), and milliseconds
+// when the other vCPU was busy (this machine is shared). Larger calls hand out (row, head) pairs
+// through an atomic counter to std::threads (not an OpenMP team: see the Team note in codebook.cpp).
 // Lengths outside [0, T] are clamped (mmfast.kernels checks them unless told not to); L = 0 gives
 // a zero row.
 #include <immintrin.h>
@@ -117,6 +126,24 @@ inline __m512 exp2_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// Software prefetch, kPrefetchBytes ahead in each of the K and V streams: a (row, head) is a
+// short stream (L rows of D elements) that the hardware prefetcher picks up late; measured with
+// cold caches, prefetching 4 KiB ahead cut a DALL-E mini call's time by 10-30% (fp32 and bf16;
+// nothing at L = 32), 2 KiB and 8 KiB ahead did about as well.
+constexpr int kPrefetchBytes = 4096;
+
+template <Dt T, int NV> constexpr int64_t ahead_rows() {  // cache rows kPrefetchBytes ahead
+  return std::max(4, kPrefetchBytes / (NV * 16 * (T == Dt::f32 ? 4 : 2)));
+}
+
+// Prefetch the slab's bytes of the cache row at element offset i.
+template <Dt T, int NV> inline void prefetch_row(const void* p, int64_t i) {
+  constexpr int bytes = NV * 16 * (T == Dt::f32 ? 4 : 2);
+  const char* c = static_cast<const char*>(p) + i * (T == Dt::f32 ? 4 : 2);
+#pragma GCC unroll 8
+  for (int o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+}
+
 // One slab of one (row, head): dims [d0, d0 + w) of q, K and V, w <= kSlab.
 struct Slab {
   const float* q;      // w fp32 values, zero-padded to kSlab
@@ -131,6 +158,8 @@ template <Dt T, int NV>
 void slab_scores(const Slab& sl, int L, float scale2, float* s, bool accumulate) {
   const __mmask16 tail = first(sl.w - 16 * (NV - 1));
   const __m512 sc = _mm512_set1_ps(scale2);
+  constexpr int64_t ahead = ahead_rows<T, NV>();
+  const int64_t pf = ahead * sl.skt;
   __m512 qv[NV];
   for (int c = 0; c < NV; ++c) qv[c] = _mm512_loadu_ps(sl.q + 16 * c);
   for (int t0 = 0; t0 < L; t0 += 16) {
@@ -141,6 +170,7 @@ void slab_scores(const Slab& sl, int L, float scale2, float* s, bool accumulate)
       acc[j] = _mm512_setzero_ps();
       if (j >= n) continue;
       const int64_t row = int64_t(t0 + j) * sl.skt;
+      if (t0 + j + ahead < L) prefetch_row<T, NV>(sl.k, row + pf);
 #pragma GCC unroll 8
       for (int c = 0; c < NV; ++c)
         acc[j] = _mm512_fmadd_ps(qv[c], load16<T>(sl.k, row + 16 * c, c == NV - 1 ? tail : __mmask16(0xFFFF)),
@@ -159,10 +189,13 @@ void slab_pv(const Slab& sl, int L, const float* p, float* o) {
   __m512 a0[NV], a1[NV];
   for (int c = 0; c < NV; ++c) a0[c] = a1[c] = _mm512_setzero_ps();
   auto mask = [&](int c) { return c == NV - 1 ? tail : __mmask16(0xFFFF); };
+  constexpr int64_t ahead = ahead_rows<T, NV>();
+  const int64_t pf = ahead * sl.svt;
   int t = 0;
   for (; t + 2 <= L; t += 2) {  // two independent chains per vector: hides the FMA latency
     const __m512 p0 = _mm512_set1_ps(p[t]), p1 = _mm512_set1_ps(p[t + 1]);
     const int64_t r0 = int64_t(t) * sl.svt, r1 = r0 + sl.svt;
+    if (t + 1 + ahead < L) prefetch_row<T, NV>(sl.v, r0 + pf), prefetch_row<T, NV>(sl.v, r1 + pf);
 #pragma GCC unroll 8
     for (int c = 0; c < NV; ++c) {
       a0[c] = _mm512_fmadd_ps(p0, load16<T>(sl.v, r0 + 16 * c, mask(c)), a0[c]);
