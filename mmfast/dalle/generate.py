@@ -20,7 +20,7 @@ import torch
 from .load import build_models, load_dalle_checkpoint
 from .model import DalleDecoder, DalleEncoder
 from .sampling import sample_next
-from .tokenizer import DalleTokenizer
+from .tokenizer import DalleTokenizer, clean_text
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -71,6 +71,9 @@ def _check_prompts(prompts) -> list[str]:
             raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
         if not p.strip():
             raise ValueError(f"prompts[{i}] is empty; describe the image to generate, e.g. 'a red apple'")
+        if not clean_text(p).strip():  # min-dalle's cleaning drops every non-ASCII character
+            raise ValueError(f"prompts[{i}]={p[:40]!r} has no text left after DALL·E mini / mega's cleaning, "
+                             "which keeps ASCII only (the models are English-only); write it in English")
     return list(prompts)
 
 

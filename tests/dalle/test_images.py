@@ -122,3 +122,9 @@ def test_cli_generate(tiny, tmp_path, capsys):
     assert "grid.png" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="top_k"):
         cli(["generate", "--model", str(root), "a red apple", "--top-k", "0", "--out", str(tmp_path / "x.png")])
+
+
+def test_prompt_with_no_english_left_is_refused(gen):
+    with pytest.raises(ValueError, match=r"prompts\[1\].*English"):
+        gen.generate_tokens(["a red apple", "красный круг"])
+    assert gen.generate_tokens("🍎 apple", seed=0, top_k=1).shape == (1, 256)   # emoji become words
