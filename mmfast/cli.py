@@ -1,4 +1,4 @@
-"""`mmfast ...` / `python -m mmfast ...`: info, classify, embed, vq encode / decode, generate."""
+"""`mmfast ...` / `python -m mmfast ...`: info, classify, embed, vq encode / decode, generate, export."""
 from __future__ import annotations
 
 import argparse
@@ -121,6 +121,18 @@ def _generate(args) -> None:
     print(f"wrote {len(images)} image(s), {args.n} per prompt, to {out}")
 
 
+def _export_triton_repo(args) -> None:
+    from .export.triton_server import export_triton_repo
+    models = export_triton_repo(args.path, args.out, kind=args.kind, backends=args.backend or ["onnxruntime"],
+                                max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
+                                instances=args.instances, device=args.device, overwrite=args.overwrite)
+    for name, d in models.items():
+        print(f"{name:<20} {d}")
+    if (Path(args.out) / "build_trt_plans.sh").exists():
+        print(f"TensorRT plans: run {Path(args.out) / 'build_trt_plans.sh'} on the serving GPU first")
+    print(f"serve: tritonserver --model-repository {args.out}")
+
+
 def _grid(images: list, cols: int):
     from PIL import Image
 
@@ -204,8 +216,25 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="grid.png")
     p.set_defaults(fn=_generate)
 
+    # one subcommand per export target: `mmfast export <target> PATH --out DIR ...`
+    p = sub.add_parser("export", help="export model parts (ONNX, NVIDIA Triton Inference Server repository)")
+    export_sub = p.add_subparsers(dest="export_cmd", required=True)
+    p = export_sub.add_parser("triton-repo", help="an NVIDIA Triton Inference Server model repository: ONNX "
+                              "Runtime / TensorRT towers, Python-backend tokenizer / preprocessor, ensembles")
+    p.add_argument("path", help="a CLIP checkpoint (open_clip / HF folder, .pt), a VQGAN, or min-dalle's folder")
+    p.add_argument("--out", required=True, help="the repository folder (must be empty unless --overwrite)")
+    p.add_argument("--kind", default="auto", choices=["auto", "clip", "vq", "dalle"])
+    p.add_argument("--backend", action="append", choices=["onnxruntime", "tensorrt"],
+                   help="tower backend, repeatable; the first feeds the ensembles (default: onnxruntime)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="largest batch Triton's dynamic batcher forms")
+    p.add_argument("--queue-delay-us", type=int, default=500, help="how long a request may wait for others")
+    p.add_argument("--instances", type=int, default=1, help="model instances (instance_group count)")
+    p.add_argument("--device", default="gpu", choices=["gpu", "cpu"], help="instance kind of the towers")
+    p.add_argument("--overwrite", action="store_true", help="replace the models mmfast writes in --out")
+    p.set_defaults(fn=_export_triton_repo)
+
     args = ap.parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:  # user errors: one clear line, exit 2
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:  # user errors: one line, exit 2
         sys.exit(f"mmfast {args.cmd}: error: {e}")
