@@ -46,3 +46,12 @@ def tiny_clip_dir(tiny_clip, tmp_path_factory):
 def clip_onnx(tiny_clip, tmp_path_factory):
     from mmfast.export.onnx import export_clip
     return export_clip(tiny_clip, tmp_path_factory.mktemp("clip_onnx"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: one thread beats two (thread hand-offs cost more than they save on a busy 2-vCPU machine).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -311,3 +311,52 @@ def test_cli_writes_the_repo_and_refuses_a_full_folder(tmp_path, tiny_clip_dir, 
     assert "max_batch_size: 4" in (out / "clip_image" / "config.pbtxt").read_text()
     with pytest.raises(SystemExit, match="mmfast export: error: .* not empty"):
         main(["export", "triton-repo", str(tiny_clip_dir), "--out", str(out)])
+
+
+# ---- DALL·E: the generator as a Python-backend model ------------------------------------------------------
+@pytest.fixture(scope="module")
+def dalle_dir(tmp_path_factory):
+    """min-dalle's file layout (its parameter names are mmfast's) with random tiny towers."""
+    from mmfast.dalle import dalle_preset
+    from mmfast.dalle.model import DalleDecoder, DalleEncoder
+    cfg = dalle_preset("dalle-tiny")
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("models_root") / "dalle_bart_mini"
+    d.mkdir()
+    torch.save(DalleEncoder(cfg).state_dict(), d / "encoder.pt")
+    torch.save(DalleDecoder(cfg).state_dict(), d / "decoder.pt")
+    chars = ["\u0120"] + [chr(c) for c in range(33, 127)]  # "Ġ" + printable ASCII
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{c: 4 + i for i, c in enumerate(chars)}}
+    merges = ["\u0120 a", "\u0120 c", "\u0120a t", "r e", "\u0120 t", "\u0120t h"]
+    for m in merges:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    (d / "vocab.json").write_text(json.dumps(vocab), encoding="utf8")
+    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf8")
+    return d
+
+
+def test_generator_model_runs_mmfasts_loop(dalle_dir, tmp_path, pb_utils, pb2):
+    from mmfast import load_generator
+    out = tmp_path / "repo"
+    models = export_triton_repo(dalle_dir.parent, out, device="cpu", max_batch_size=4)  # kind found: dalle
+    assert list(models) == ["dalle_generate"]
+    cfg = parse_configs(out, pb2)["dalle_generate"]
+    assert cfg.backend == "python" and cfg.max_batch_size == 4
+    assert [(t.name, t.optional) for t in cfg.input] == [("prompt", False), ("seed", True), ("top_k", True),
+                                                         ("top_p", True), ("temperature", True), ("guidance", True)]
+    assert [t.name for t in cfg.output] == ["tokens"]  # no VQGAN beside this checkpoint: tokens only
+    model = load_python_model(out / "dalle_generate")
+    requests = [Request(prompt=_strings("a red cat"), seed=np.array([[3]])),
+                Request(prompt=_strings("the hat", "a red cat"), seed=np.array([[5], [7]]),
+                        top_k=np.array([[4], [4]]), guidance=np.array([[2.5], [2.5]], np.float32)),
+                Request(prompt=_strings("a cat"), seed=np.array([[1], [2]]))]  # two seeds, one prompt
+    responses = model.execute(requests)
+    assert "seed has 2 values for 1 prompts" in responses[2].error.message()
+    gen = load_generator(dalle_dir, device="cpu", dtype="fp32")
+    want0 = gen.generate_tokens("a red cat", seed=[3])
+    want1 = gen.generate_tokens(["the hat", "a red cat"], seed=[5, 7], top_k=4, guidance=2.5)
+    np.testing.assert_array_equal(responses[0].outputs["tokens"], want0.numpy())
+    np.testing.assert_array_equal(responses[1].outputs["tokens"], want1.numpy())
+    assert responses[1].outputs["tokens"].shape == (2, 256)
+    with pytest.raises(TypeError, match="min-dalle's folder"):
+        export_triton_repo(gen, tmp_path / "r2", kind="dalle")
