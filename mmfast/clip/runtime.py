@@ -42,19 +42,20 @@ def load_clip(path, *, name: str | None = None, device="auto", dtype="auto", bac
     dtype : "auto" | "fp32" | "bf16" | "fp16" | "int8"
         "auto": fp16 on CUDA; on CPU the fastest of int8 (VNNI CPUs) / bf16 (CPUs with native
         bf16) / fp32 whose embeddings keep cosine >= 0.999 to fp32 on these weights.
-    backend : "torch" | "onnxruntime"
+    backend : "torch" | "onnxruntime" | "auto"
         The engine that runs the towers. "onnxruntime" exports fp32 ONNX graphs once (checked
-        against PyTorch) and runs them on ORT's CPU provider, in fp32 or (dtype="int8", the
-        "auto" choice on VNNI CPUs) with ORT's dynamic int8 quantization.
+        against PyTorch, cached by weights in mmfast's cache folder) and runs them on ORT's CPU
+        provider, in fp32 or (dtype="int8", the "auto" choice on VNNI CPUs) with ORT's dynamic int8
+        quantization. "auto" probes both engines per tower and keeps the fastest whose embeddings
+        keep cosine >= 0.999 to fp32 (measurement cached); `Clip.info` says what it chose and why.
 
     Example
     -------
     >>> clip = mmfast.load_clip("open_clip_dir")                      # doctest: +SKIP
     >>> clip.classify(["cat.jpg"], ["cat", "dog"]).argmax(-1)         # doctest: +SKIP
     """
-    if backend not in ("torch", "onnxruntime"):
-        hint = " (TensorRT: export with mmfast.export.onnx, then build an engine)" if backend == "tensorrt" else ""
-        raise ValueError(f"backend={backend!r} is not supported; use 'torch' or 'onnxruntime'{hint}")
+    from ..backends.auto import check_backend
+    check_backend(backend)
     cfg, sd = load_clip_checkpoint(path, name=name)
     model = CLIP(cfg)
     load_into(model, sd, str(path))
@@ -91,15 +92,16 @@ class Clip:
         model = model.eval().requires_grad_(False).float()
         self.logit_scale = float(model.logit_scale.exp().clamp(max=100))
         self.backend = backend
-        if backend == "onnxruntime":
-            name = {"auto": "int8" if has_vnni() else "fp32", "float32": "fp32"}.get(dtype, dtype)
-            if name not in ("fp32", "int8") or self.device.type != "cpu":
-                raise ValueError(f"backend='onnxruntime' runs on CPU in fp32 or int8; got dtype={dtype!r}, "
-                                 f"device={self.device}")
-            from ..backends.onnxruntime import OrtClip
-            self.dtype, self.model = name, OrtClip(model, int8=name == "int8")
+        if backend != "torch":  # "onnxruntime" / "auto": mmfast.backends.auto builds the towers
+            from ..backends.auto import check_backend, clip_backend
+            self.dtype, self.model, self.info = clip_backend(self, model, check_backend(backend), dtype)
+            if backend == "auto":
+                self.backend = "auto: " + ", ".join(f"{p} {i['backend']} {i['dtype']}" for p, i in self.info.items())
             return
         self.dtype, self.model = self._choose(model, dtype)
+        # what runs each tower and why (backend="auto" fills in its measurements)
+        self.info = {p: {"backend": "torch", "dtype": self.dtype, "why": f"backend='torch', dtype={dtype!r}"}
+                     for p in ("image", "text")}
 
     # ---- dtype / mode ---------------------------------------------------------------------------
     def _candidates(self) -> list[str]:
