@@ -121,6 +121,14 @@ def _generate(args) -> None:
     print(f"wrote {len(images)} image(s), {args.n} per prompt, to {out}")
 
 
+def _export_onnx(args) -> None:
+    from .export.onnx import export
+    parts = [q for p in args.parts or [] for q in p.split(",") if q] or None
+    paths = export(args.path, args.out, family=args.family, parts=parts, fp16=args.fp16)
+    for part, path in paths.items():
+        print(f"{part:<12} {path}  (checked against PyTorch)")
+
+
 def _export_triton_repo(args) -> None:
     from .export.triton_server import export_triton_repo
     models = export_triton_repo(args.path, args.out, kind=args.kind, backends=args.backend or ["onnxruntime"],
@@ -219,6 +227,15 @@ def main(argv=None) -> None:
     # one subcommand per export target: `mmfast export <target> PATH --out DIR ...`
     p = sub.add_parser("export", help="export model parts (ONNX, NVIDIA Triton Inference Server repository)")
     export_sub = p.add_subparsers(dest="export_cmd", required=True)
+    p = export_sub.add_parser("onnx", help="ONNX graphs of a model's parts, opset 17, symbolic batch, each checked "
+                              "against PyTorch on ONNX Runtime")
+    p.add_argument("path", help="a CLIP checkpoint (open_clip / HF folder, .pt), a VQGAN, or min-dalle's folder")
+    p.add_argument("--out", required=True, help="folder for the .onnx files")
+    p.add_argument("--family", choices=["clip", "vq", "dalle"], help="default: found from the path's files")
+    p.add_argument("--parts", nargs="+", help="clip: image text; vq: encoder decoder; dalle: encoder step "
+                   "step_logits (default: clip both, vq both, dalle encoder step)")
+    p.add_argument("--fp16", action="store_true", help="write fp16 graphs (*_fp16.onnx) instead of fp32")
+    p.set_defaults(fn=_export_onnx)
     p = export_sub.add_parser("triton-repo", help="an NVIDIA Triton Inference Server model repository: ONNX "
                               "Runtime / TensorRT towers, Python-backend tokenizer / preprocessor, ensembles")
     p.add_argument("path", help="a CLIP checkpoint (open_clip / HF folder, .pt), a VQGAN, or min-dalle's folder")
