@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - exercised only on broken installs
     _C = None
 
 __all__ = ["similarity_topk", "similarity", "similarity_prefilter", "nearest_code", "decode_attention",
-           "backend_for"]
+           "group_norm_silu", "backend_for"]
 
 
 def backend_for(t: torch.Tensor) -> str:
@@ -474,3 +474,72 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, check_lengths=
     if backend == "triton":
         return _triton("decode_attention").decode_attention(q, k, v, lengths, scale)
     return _decode_attention_cpu(q, k, v, lengths, scale)
+
+
+# ---- group norm + SiLU (fused; fp32 statistics, 16-bit or fp32 storage) ---------------------------
+_GN_KINDS = {torch.float32: "float32", torch.bfloat16: "bfloat16"}  # what the C++ kernel stores
+
+
+def _check_group_norm(x, weight, bias, groups, out_dtype, inplace):
+    fn = "group_norm_silu"
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        _require_tensor(fn, name, t)
+    if x.dim() != 4:
+        raise ValueError(f"{fn}: x must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    C = x.shape[1]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or C % groups:
+        raise ValueError(f"{fn}: groups must be a positive int dividing the {C} channels, got {groups!r}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if tuple(t.shape) != (C,) or not t.is_floating_point() or t.device != x.device:
+            raise ValueError(f"{fn}: {name} must be a float tensor of shape ({C},) on {x.device} (one value "
+                             f"per channel), got {t.dtype} {tuple(t.shape)} on {t.device}")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{fn}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if inplace and out_dtype != x.dtype:
+        raise ValueError(f"{fn}: inplace=True writes into x, so out_dtype must be x's {x.dtype}, got {out_dtype}")
+    return out_dtype
+
+
+def group_norm_silu(x, weight, bias, *, groups=32, eps=1e-6, silu=True, out_dtype=None, inplace=False):
+    """``silu(group_norm(x, groups, weight, bias, eps))`` fused: fp32 statistics, one rounding.
+
+    Parameters
+    ----------
+    x : Tensor [B, C, H, W], float32 / bfloat16 (float16 and other layouts take the reference).
+        Fastest channels-last (``x.contiguous(memory_format=torch.channels_last)``) or contiguous.
+    weight, bias : Tensor [C], the GroupNorm affine (used in fp32).
+    silu : False gives the bare GroupNorm (a VQGAN attention block's norm).
+    out_dtype : output dtype, default x.dtype; bf16 in, fp32 out reads 16-bit x and writes fp32 with
+        no fp32 copy of x (a VQGAN decoder's last norm).
+    inplace : write the result into x (out_dtype must be x.dtype) and return x.
+
+    Returns
+    -------
+    Tensor [B, C, H, W] in out_dtype and x's memory format.
+
+    Example
+    -------
+    >>> h = group_norm_silu(x, norm.weight, norm.bias, groups=32, eps=norm.eps)   # then conv(h)
+    """
+    out_dtype = _check_group_norm(x, weight, bias, groups, out_dtype, inplace)
+    B, C, H, W = x.shape
+    cl = x.is_contiguous(memory_format=torch.channels_last)
+    if backend_for(x) != "cpu" or x.dtype not in _GN_KINDS or out_dtype not in _GN_KINDS or \
+            not (cl or x.is_contiguous()) or (torch.is_grad_enabled() and x.requires_grad):
+        y = ref.group_norm_silu_ref(x, weight, bias, groups=groups, eps=eps, silu=silu, out_dtype=out_dtype)
+        return x.copy_(y) if inplace else y
+    out = x if inplace else torch.empty(x.shape, dtype=out_dtype, device=x.device,
+                                        memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+    def view(t):  # numpy view [B, HW, C] (channels-last) or [B, C, HW]; 16-bit as int16 bits
+        t = t.detach()
+        t = t.permute(0, 2, 3, 1).reshape(B, H * W, C) if cl else t.reshape(B, C, H * W)
+        return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+    w, b = (t.detach().float().contiguous().numpy() for t in (weight, bias))
+    _C.group_norm_silu(view(x), view(out), w, b, groups, float(eps), bool(silu), cl, _GN_KINDS[x.dtype],
+                       _GN_KINDS[out_dtype])
+    return out

@@ -49,3 +49,14 @@ def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np.nd
     bfloat16 storage with dtype naming the real type ("float32" | "float16" | "bfloat16"). lengths:
     contiguous int32 or int64 [B]. fp32 math. Releases the GIL. Validation with helpful messages lives
     in mmfast.kernels.decode_attention."""
+
+# ---- group norm + SiLU (kernels/cpu/group_norm.cpp) -----------------------------------------------
+import numpy as np
+
+def group_norm_silu(x: np.ndarray, out: np.ndarray, gamma: np.ndarray, beta: np.ndarray, groups: int,
+                    eps: float, silu: bool, channels_last: bool, in_dtype: str, out_dtype: str) -> None:
+    """out = silu(group_norm(x)) (silu=False: the bare GroupNorm), fp32 statistics. x, out: C-contiguous
+    3-D arrays of one shape, [B, HW, C] when channels_last else [B, C, HW]; float32 arrays, or int16
+    views of bfloat16 storage, in_dtype / out_dtype naming the real types ("float32" | "bfloat16");
+    out may be x itself (same dtype). gamma, beta: float32 [C]. Releases the GIL. Validation with
+    helpful messages lives in mmfast.kernels.group_norm_silu."""

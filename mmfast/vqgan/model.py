@@ -8,8 +8,12 @@ Inference choices (exact up to float rounding, tested against taming and min-dal
   noise), and codes go back to vectors with a gather, never a one-hot matmul;
 - GroupNorm statistics, attention softmax, `norm_out` and `conv_out` run in fp32 whatever the
   dtype of the convolutions (VQGANs overflow in fp16 and lose colour accuracy in bf16 there);
-- `Upsample.fold()` turns "nearest 2x upsample, then 3x3 conv" into four 2x2 convs on the
-  low-resolution input (16 instead of 36 multiply-adds per channel pair and pixel).
+- GroupNorm + SiLU is one `kernels.group_norm_silu` call (two passes over the activation instead
+  of four; the decoder's last norm reads bf16 and writes fp32 directly); a ResNet block's second
+  norm and its residual add work in place on the conv outputs they consume;
+- `Upsample.fold()` turns "nearest 2x upsample, then 3x3 conv" into one stride-2 transposed conv
+  with a 4x4 kernel: each output phase sees a 2x2 sum of the 3x3 taps (16 instead of 36
+  multiply-adds per channel pair and output pixel), written straight into the upsampled layout.
 """
 from __future__ import annotations
 
@@ -25,10 +29,10 @@ def _norm(channels: int, eps: float) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=eps)
 
 
-def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """GroupNorm (fp32 statistics and affine, output in x's dtype) then SiLU, in place on the output."""
-    h = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-    return F.silu(h, inplace=True)
+def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True, **kw) -> torch.Tensor:
+    """GroupNorm (fp32 statistics and affine) then SiLU, fused; in x's dtype unless out_dtype= is given,
+    into x itself with inplace=True."""
+    return kernels.group_norm_silu(x, norm.weight, norm.bias, groups=norm.num_groups, eps=norm.eps, silu=silu, **kw)
 
 
 class ResnetBlock(nn.Module):
@@ -40,8 +44,8 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(_norm_silu(self.norm1, x))
-        h = self.conv2(_norm_silu(self.norm2, h))   # dropout is 0 in every released VQGAN
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+        h = self.conv2(_norm_silu(self.norm2, h, inplace=True))   # dropout is 0 in every released VQGAN
+        return h.add_(x if self.nin_shortcut is None else self.nin_shortcut(x))   # h: conv2's own output
 
 
 class AttnBlock(nn.Module):
@@ -54,14 +58,13 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hh, ww = x.shape
-        h = F.group_norm(x, 32, self.norm.weight, self.norm.bias, self.norm.eps)
-        # (B, C, H, W) -> (B, 1, HW, C); softmax in fp32 (scale c**-0.5 is SDPA's default)
-        q, k, v = (m(h).flatten(2).transpose(1, 2).unsqueeze(1).float() for m in (self.q, self.k, self.v))
-        a = F.scaled_dot_product_attention(q, k, v)                          # (B, 1, HW, C)
-        a = a.squeeze(1).transpose(1, 2).reshape(b, c, hh, ww).to(x.dtype)
-        if x.is_contiguous(memory_format=torch.channels_last):
-            a = a.contiguous(memory_format=torch.channels_last)
-        return x + self.proj_out(a)
+        h = _norm_silu(self.norm, x, silu=False)
+        h = h.permute(0, 2, 3, 1).reshape(b, 1, hh * ww, c)                   # (B, 1, HW, C): a view if channels-last
+        # the 1x1 convs as matmuls on that view; attention in fp32 (scale c**-0.5 is SDPA's default)
+        q, k, v = (F.linear(h, m.weight.view(c, c), m.bias).float() for m in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v).to(x.dtype)              # (B, 1, HW, C)
+        a = F.linear(a, self.proj_out.weight.view(c, c), self.proj_out.bias)
+        return x + a.view(b, hh, ww, c).permute(0, 3, 1, 2)                  # channels-last strides
 
 
 class Downsample(nn.Module):
@@ -77,33 +80,31 @@ class Upsample(nn.Module):
     def __init__(self, c: int):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, padding=1)
-        self._phases: tuple[torch.Tensor, torch.Tensor] | None = None
+        # fold()'s transposed-conv kernel (not saved: derived from conv.weight); .to() converts it
+        self.register_buffer("folded", None, persistent=False)
 
     def fold(self) -> None:
-        """Precompute the 2x2 kernels of the four output phases (call after the weights are final).
+        """Precompute the stride-2 transposed conv equal to conv3x3(upsample2x(x)) (call once the
+        weights are final; computed in fp32, stored in conv.weight's dtype and memory format).
 
-        Output pixel (2i + a, 2j + b) of conv3x3(upsample2x(x)) reads x rows {i-1, i} (a = 0) or
-        {i, i+1} (a = 1), the 3x3 taps summed where two of them land on the same x row / column.
+        Output row 2i + a of conv3x3(upsample2x(x)) reads x rows {i-1, i} (a = 0) or {i, i+1}
+        (a = 1), the 3x3 taps summed where two land on the same x row. A transposed conv (stride 2,
+        padding 1, 4 taps k) adds x[i] * tap[k] into output row 2i - 1 + k: so tap 3 is x row i-1
+        for a = 0 (w0), tap 1 x row i (w1 + w2); for a = 1 tap 2 is x row i (w0 + w1), tap 0 row
+        i+1 (w2). The same along columns.
         """
-        w = self.conv.weight.detach()                                        # (C, C, 3, 3)
-        rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),      # a = 0: x rows i-1, i
-                torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))      # a = 1: x rows i, i+1
-        phases = [torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1) if b == 0 else
-                  torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1) for r in rows for b in (0, 1)]
-        weight = torch.cat(phases, 0)                                        # (4C, C, 2, 2), phase-major
-        self._phases = (weight.contiguous(memory_format=torch.channels_last)
-                        if self.conv.weight.is_contiguous(memory_format=torch.channels_last) else weight,
-                        self.conv.bias.detach().repeat(4))
+        w = self.conv.weight.detach()
+
+        def taps(t):  # (..., 3) -> (..., 4) along the last axis
+            return torch.stack([t[..., 2], t[..., 1] + t[..., 2], t[..., 0] + t[..., 1], t[..., 0]], -1)
+
+        k = taps(taps(w.float()).transpose(-1, -2)).transpose(-1, -2)        # (Cout, Cin, 4, 4)
+        self.folded = k.transpose(0, 1).to(w.dtype).contiguous(memory_format=_format_of(w))  # (Cin, Cout, 4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._phases is None or self._phases[0].dtype != x.dtype:
+        if self.folded is None or self.folded.dtype != x.dtype:
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        b, c, h, w = x.shape
-        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), *self._phases)                 # (B, 4C, H+1, W+1)
-        out = torch.empty(b, c, 2 * h, 2 * w, dtype=x.dtype, device=x.device, memory_format=_format_of(x))
-        for p, (a, bb) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-            out[:, :, a::2, bb::2] = y[:, p * c:(p + 1) * c, a:a + h, bb:bb + w]
-        return out
+        return F.conv_transpose2d(x, self.folded, self.conv.bias, stride=2, padding=1)   # (B, C, 2H, 2W)
 
 
 def _format_of(x: torch.Tensor) -> torch.memory_format:
@@ -184,7 +185,7 @@ class Decoder(nn.Module):
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         # the last norm and conv in fp32: they set the pixel values (keep norm_out / conv_out fp32)
-        return self.conv_out(_norm_silu(self.norm_out, h.float()))
+        return self.conv_out(_norm_silu(self.norm_out, h, out_dtype=torch.float32))
 
 
 class VectorQuantizer(nn.Module):
@@ -246,14 +247,14 @@ class VQGAN(nn.Module):
         fast layout on CPU, NHWC tensor cores on CUDA); folded upsamples; codebook norms cached."""
         self.eval().requires_grad_(False).float()
         for m in self.modules():
-            if isinstance(m, nn.Conv2d) and m is not self.decoder.conv_out and \
-                    not (isinstance(self.quantize, GumbelQuantizer) and m is self.quantize.proj):
+            if isinstance(m, Upsample):
+                m.fold()                        # from the fp32 weights, rounded once below
+        keep32 = (self.decoder.conv_out, getattr(self.quantize, "proj", None))
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, Upsample)) and not any(m is k for k in keep32):
                 m.to(dtype)
         if channels_last:
             self.to(memory_format=torch.channels_last)
-        for m in self.modules():
-            if isinstance(m, Upsample):
-                m.fold()
         self.quantize.refresh()
         return self
 
