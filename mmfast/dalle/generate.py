@@ -106,7 +106,13 @@ class Generator:
     """
 
     def __init__(self, encoder: DalleEncoder, decoder: DalleDecoder, tokenizer: DalleTokenizer, *,
-                 device="auto", dtype="auto", detoker_path=None):
+                 device="auto", dtype="auto", detoker_path=None, backend: str = "torch"):
+        if backend != "torch":  # ONNX Runtime parts, or per part the faster engine: mmfast.backends.auto
+            from ..backends.auto import generator_backend
+            generator_backend(self, encoder, decoder, tokenizer, backend=backend, device=device, dtype=dtype,
+                              detoker_path=detoker_path)
+            return
+        self.backend, self.info = "torch", {}  # backend="auto" says per part what it chose and why
         self.config = decoder.cfg
         self.device = _device(device)
         self.dtype = _dtype(dtype, self.device)
@@ -288,7 +294,7 @@ def _progress_bar(total: int):
 
 
 def load_generator(path, *, variant: str | None = None, device="auto", dtype="auto",
-                   vqgan="auto") -> Generator:
+                   vqgan="auto", backend: str = "torch") -> Generator:
     """Load DALL·E mini / mega from min-dalle's files.
 
     Parameters
@@ -300,6 +306,11 @@ def load_generator(path, *, variant: str | None = None, device="auto", dtype="au
     dtype : "auto" (fp32 on CPU, bf16 on CUDA) | "fp32" | "bf16" | "fp16"; logits are fp32 always.
     vqgan : "auto" (min-dalle's `vqgan/detoker.pt` beside the checkpoint, if any), a path for
         `mmfast.load_vq`, a loaded `mmfast.VQ`, or None (tokens only).
+    backend : "torch" | "onnxruntime" | "auto". "onnxruntime" exports the text encoder and the decode
+        step (sampling inside) once, checked against PyTorch and cached by weights, and runs them on
+        ORT's CPU provider (dtype "auto"/"fp32", or "int8": ORT's dynamic int8); the loop stays
+        mmfast's and the KV cache is written in place. "auto" keeps per part the faster engine whose
+        greedy tokens equal fp32's (measured once, cached); `Generator.info` says why.
 
     Example
     -------
@@ -309,7 +320,8 @@ def load_generator(path, *, variant: str | None = None, device="auto", dtype="au
     """
     ckpt = load_dalle_checkpoint(path, variant)
     encoder, decoder, tokenizer = build_models(ckpt)
-    gen = Generator(encoder, decoder, tokenizer, device=device, dtype=dtype, detoker_path=ckpt.detoker)
+    gen = Generator(encoder, decoder, tokenizer, device=device, dtype=dtype, detoker_path=ckpt.detoker,
+                    backend=backend)
     vqgan = ckpt.detoker if isinstance(vqgan, str) and vqgan == "auto" else vqgan
     if vqgan is not None:
         gen.attach_vq(vqgan)
