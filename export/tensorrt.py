@@ -231,22 +231,6 @@ def _deserialize(runtime, plan: Path):
 
 
 # ---- model parts ----------------------------------------------------------------------------------------
-def fp32_clip_module(source):
-    """The fp32 `mmfast.clip.model.CLIP` on CPU of a checkpoint path, a `Clip` or a `CLIP`."""
-    import copy
-
-    from mmfast.clip.model import CLIP
-    from mmfast.clip.runtime import Clip, load_clip
-    if isinstance(source, Clip):
-        if source.backend != "torch" or source.dtype != "fp32":
-            raise ValueError(f"exporting needs the fp32 weights; this Clip runs {source.dtype} on {source.backend}: "
-                             "load it with dtype='fp32' (backend='torch') or pass the checkpoint path")
-        source = source.model
-    if not isinstance(source, CLIP):
-        return load_clip(source, dtype="fp32", device="cpu").model
-    return source if next(source.parameters()).device.type == "cpu" else copy.deepcopy(source).cpu()
-
-
 def clip_profiles(paths: dict, cfg, max_batch: int = 32, opt_batch: int | None = None) -> dict:
     """Profiles of the two CLIP towers: batch 1..max_batch; token length 1..context_length."""
     batch = (1, opt_batch or max_batch, max_batch)
@@ -262,11 +246,14 @@ def export_clip(source, out_dir, *, precision: str = "fp32", max_batch: int = 32
     """CLIP towers -> ONNX (checked against PyTorch) -> TensorRT plans for this GPU, in `out_dir`.
 
     source : a checkpoint path, a `Clip` loaded with dtype="fp32", or a `CLIP` module.
+    precision : "fp32", or "fp16" (the fp16 ONNX export, built strongly typed).
     Returns {"image": plan path, "text": plan path}; plans are cached by key in `out_dir`.
     """
-    from .onnx import export_clip as export_clip_onnx
-    import_tensorrt()  # the clear error before minutes of export
-    model = fp32_clip_module(source)
-    paths = export_clip_onnx(model, out_dir)
+    from .onnx import clip_module, export_clip as export_clip_onnx
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    import_tensorrt()  # the clear error before the export
+    model = clip_module(source)
+    paths = export_clip_onnx(model, out_dir, fp16=precision == "fp16")
     profiles = clip_profiles(paths, model.cfg, max_batch, opt_batch)
     return {part: cached_engine(paths[part], out_dir, profiles[part], precision=precision)[1] for part in paths}

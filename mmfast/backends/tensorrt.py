@@ -77,18 +77,22 @@ class TrtEngine:
 
 
 class TrtClip:
-    """Exports an fp32 CLIP once (ONNX in `cache_dir`, default a temp dir), builds or loads its plans
-    for this GPU, and runs both towers on TensorRT. `precision="fp16"`: see `build_plan`."""
+    """Exports a CLIP once (ONNX in `cache_dir`, default a temp dir), builds or loads its plans for this
+    GPU, and runs both towers on TensorRT. precision: "fp32", or "fp16" (the fp16 ONNX export, built
+    as a strongly typed network: the fp16 path of TensorRT 10 and 11 alike)."""
 
     def __init__(self, model, cache_dir=None, precision: str = "fp32", max_batch: int = 32, device=None):
         from mmfast.export.onnx import export_clip
+        from mmfast.export.tensorrt import PRECISIONS
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         import_tensorrt()
         self.cfg = model.cfg
         self._pool = model.pool_positions
         self.logit_scale = model.logit_scale
         self.max_batch = max_batch
         out = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="mmfast-trt-"))
-        paths = export_clip(model, out)
+        paths = export_clip(model, out, fp16=precision == "fp16")
         profiles = clip_profiles(paths, model.cfg, max_batch)
         self.engines = {part: TrtEngine.from_onnx(paths[part], profiles[part], cache_dir=out, precision=precision,
                                                   device=device) for part in paths}
