@@ -4,13 +4,13 @@
     export_triton_repo("open_clip_dir", "repo/", backends=("onnxruntime", "tensorrt"))
     # then: tritonserver --model-repository repo/        (README.md in the repo says more)
 
-CLIP (kind="clip")
+CLIP (family="clip")
     clip_image, clip_text               ONNX Runtime towers (platform onnxruntime_onnx)
     clip_image_trt, clip_text_trt       TensorRT towers (tensorrt_plan), with "tensorrt" in backends
     clip_tokenize, clip_preprocess      Python backend: captions / encoded images -> tower inputs
     clip_text_embed, clip_image_embed   ensembles: raw text / image bytes in, embeddings out
-VQGAN (kind="vq")                       the parts `mmfast.export.onnx.export_vq` writes, as towers
-DALL·E (kind="dalle")                   dalle_generate: Python backend running mmfast's own loop
+VQGAN (family="vq")                     the parts `mmfast.export.onnx.export_vq` writes, as towers
+DALL·E (family="dalle")                 dalle_generate: Python backend running mmfast's own loop
 
 Every tower's config.pbtxt is written from its exported graph's signature, never from typed names.
 A TensorRT plan only runs on the GPU model and TensorRT version that built it: with TensorRT
@@ -30,8 +30,10 @@ from pathlib import Path
 from .graph import Tensor, check_onnx, signature, weight_dtypes
 from .tensorrt import optimization_profiles
 
-BACKENDS = {"onnxruntime": ("onnxruntime_onnx", "model.onnx", ""), "tensorrt": ("tensorrt_plan", "model.plan", "_trt")}
-KINDS = ("clip", "vq", "dalle")
+# backend -> (Triton platform, model file, model name suffix)
+BACKENDS = {"onnxruntime": ("onnxruntime_onnx", "model.onnx", ""),
+            "tensorrt": ("tensorrt_plan", "model.plan", "_trt")}
+FAMILIES = ("clip", "vq", "dalle")
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
           "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int16": "TYPE_INT16", "int8": "TYPE_INT8",
           "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
@@ -91,25 +93,11 @@ def _batched(sig) -> bool:
     return all(t.dims and isinstance(t.dims[0], str) for t in sig.inputs + sig.outputs)
 
 
-def _kind_of(source) -> str:
-    for module, name, kind in (("mmfast.clip.runtime", "Clip", "clip"), ("mmfast.clip.model", "CLIP", "clip"),
-                               ("mmfast.vqgan.runtime", "VQ", "vq"), ("mmfast.dalle.generate", "Generator", "dalle")):
-        cls = getattr(importlib.import_module(module), name)
-        if isinstance(source, cls):
-            return kind
-    p = Path(source)
-    if p.is_dir() and any((p / f).exists() for f in ("encoder.pt", "decoder.pt", "dalle_bart_mini", "dalle_bart_mega")):
-        return "dalle"
-    if p.name == "detoker.pt" or p.suffix == ".ckpt" or (p.is_dir() and (any(p.glob("*.ckpt")) or any(p.glob("*/*.ckpt")))):
-        return "vq"
-    return "clip"
-
-
 class _Repo:
     """Writes models into one repository folder and remembers what it wrote."""
 
-    def __init__(self, out: Path, backends, max_batch_size, queue_delay_us, instances, device):
-        self.out, self.backends = out, backends
+    def __init__(self, out: Path, backends, max_batch_size, queue_delay_us, instances, device, fp16):
+        self.out, self.backends, self.fp16 = out, backends, fp16
         self.max_batch, self.delay, self.instances, self.device = max_batch_size, queue_delay_us, instances, device
         self.models: dict[str, Path] = {}
         self.trtexec: list[str] = []
@@ -160,7 +148,8 @@ class _Repo:
                   for k, i in (("min", 0), ("opt", 1), ("max", 2))}
         self.trtexec.append(f'"$TRTEXEC" --onnx={rel}/model.onnx --saveEngine={rel}/model.plan '
                             f"--minShapes={shapes['min']} --optShapes={shapes['opt']} --maxShapes={shapes['max']} "
-                            f"--timingCacheFile=timing.cache{' --stronglyTyped' if fp16 else ''}")
+                            # as build_plan: fp16 from fp16 weights (strongly typed), fp32 without TF32
+                            f"--timingCacheFile=timing.cache {'--stronglyTyped' if fp16 else '--noTF32'}")
 
     def python_model(self, name: str, template: str, inputs: list, outputs: list, settings: dict,
                      settings_file: str, gpu: bool = False) -> Path:
@@ -183,8 +172,8 @@ class _Repo:
     def finish(self) -> None:
         if self.trtexec:
             script = self.out / "build_trt_plans.sh"
-            script.write_text("#!/bin/sh\n# Builds the TensorRT plans on the serving GPU (a plan runs only on the GPU model\n"
-                              "# and TensorRT version that built it). Run once before starting tritonserver.\n"
+            script.write_text("#!/bin/sh\n# Builds the TensorRT plans on the serving GPU (a plan runs only on the GPU\n"
+                              "# model and TensorRT version that built it). Run once before starting tritonserver.\n"
                               'set -e\ncd "$(dirname "$0")"\nTRTEXEC="${TRTEXEC:-trtexec}"\n'
                               + "\n".join(self.trtexec) + "\n", encoding="utf-8")
             script.chmod(0o755)
@@ -232,7 +221,6 @@ def _clip(repo: _Repo, source, tmp: Path) -> None:
     from mmfast.clip.runtime import Clip, load_clip
 
     from .onnx import export_clip
-    from .tensorrt import fp32_clip_module
     path = None
     if isinstance(source, Clip):
         clip = source
@@ -247,7 +235,7 @@ def _clip(repo: _Repo, source, tmp: Path) -> None:
             raise ValueError("this Clip uses a Hugging Face tokenizer: pass its checkpoint folder, so that the "
                              "tokenizer files go into the repository")
         tokenizer_files = [path / f for f in _HF_TOKENIZER if (path / f).is_file()]
-    paths = export_clip(fp32_clip_module(clip), tmp)  # checked against PyTorch
+    paths = export_clip(clip, tmp, fp16=repo.fp16)  # checked against PyTorch
     ctx, S = tok.context_length, cfg.vision.image_size
     length = {d: (1, ctx, ctx) for t in signature(paths["text"]).inputs for d in t.dims[1:] if isinstance(d, str)}
     image = repo.tower("clip_image", paths["image"])
@@ -255,7 +243,8 @@ def _clip(repo: _Repo, source, tmp: Path) -> None:
     settings = {"context_length": ctx, "pool": cfg.text.pool, "eos_token_id": cfg.text.eos_token_id,
                 "preprocess": dataclasses.asdict(clip.preprocess)}
     d = repo.python_model("clip_tokenize", "clip_tokenize.py", [_io("text", "TYPE_STRING", [1])],
-                          [_io("ids", "TYPE_INT64", [ctx]), _io("pool", "TYPE_INT64", [1])], settings, "mmfast_clip.json")
+                          [_io("ids", "TYPE_INT64", [ctx]), _io("pool", "TYPE_INT64", [1])], settings,
+                          "mmfast_clip.json")
     for f in tokenizer_files:
         _link_or_copy(f, d / "1" / "tokenizer" / f.name)
     repo.python_model("clip_preprocess", "clip_preprocess.py", [_io("image", "TYPE_STRING", [1])],
@@ -270,12 +259,18 @@ def _clip(repo: _Repo, source, tmp: Path) -> None:
 
 
 def _vq(repo: _Repo, source, tmp: Path) -> None:
-    from . import onnx as onnx_export
-    if not hasattr(onnx_export, "export_vq"):
-        raise NotImplementedError("this mmfast has no VQGAN ONNX export yet (mmfast.export.onnx.export_vq); "
-                                  "export CLIP or the generator instead")
-    for part, p in onnx_export.export_vq(source, tmp).items():
-        repo.tower(f"vq_{part}", Path(p))  # TensorRT: a symbolic side / grid axis is refused by name
+    import onnx
+
+    from .onnx import export_vq
+    for part, path in export_vq(source, tmp, fp16=repo.fp16).items():
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        cfg = json.loads(meta["mmfast.config"])
+        f = 2 ** (len(cfg["ch_mult"]) - 1)
+        res, grid = cfg["resolution"], cfg["resolution"] // f
+        # TensorRT profiles: image sides up to the training resolution, token grids up to its grid
+        side = (f, res, res) if part == "encoder" else (1, grid, grid)
+        dims = {d: side for t in signature(path).inputs for d in t.dims[1:] if isinstance(d, str)}
+        repo.tower(f"vq_{part}", Path(path), dims)
 
 
 def _generator(repo: _Repo, source, tmp: Path) -> None:
@@ -298,18 +293,19 @@ def _generator(repo: _Repo, source, tmp: Path) -> None:
         _link_or_copy(detoker, d / "1" / "dalle" / "vqgan" / "detoker.pt")
 
 
-def export_triton_repo(source, out_dir, *, kind: str = "auto", backends=("onnxruntime",), max_batch_size: int = 32,
-                       queue_delay_us: int = 500, instances: int = 1, device: str = "gpu",
-                       overwrite: bool = False) -> dict[str, Path]:
+def export_triton_repo(source, out_dir, *, family: str | None = None, backends=("onnxruntime",),
+                       fp16: bool = False, max_batch_size: int = 32, queue_delay_us: int = 500,
+                       instances: int = 1, device: str = "gpu", overwrite: bool = False) -> dict[str, Path]:
     """Write an NVIDIA Triton Inference Server model repository for a CLIP, VQGAN or DALL·E checkpoint.
 
     Parameters
     ----------
-    source : a checkpoint path, or a loaded `Clip` (fp32) / `VQ`; the generator from its min-dalle folder.
+    source : a checkpoint path, or a loaded `Clip` / `VQ` (fp32); the generator from its min-dalle folder.
     out_dir : the repository folder; it must be empty or absent unless `overwrite=True`, which replaces
         the models written here and keeps anything else in the folder.
-    kind : "auto" | "clip" | "vq" | "dalle" (the generator).
+    family : "clip" | "vq" | "dalle" (the generator); default: found from `source`, as `mmfast export onnx`.
     backends : towers for "onnxruntime" and/or "tensorrt"; the ensembles use the first.
+    fp16 : fp16 towers (the `*_fp16.onnx` exports; TensorRT builds them strongly typed). GPU only.
     max_batch_size, queue_delay_us : Triton's dynamic batching: the largest batch it forms and how long a
         request may wait for others. instances, device : instance_group count and kind ("gpu" / "cpu").
 
@@ -319,16 +315,18 @@ def export_triton_repo(source, out_dir, *, kind: str = "auto", backends=("onnxru
     -------
     >>> export_triton_repo("open_clip_dir", "repo/", backends=("onnxruntime", "tensorrt"))   # doctest: +SKIP
     """
-    if kind not in ("auto",) + KINDS:
-        raise ValueError(f"kind must be 'auto' or one of {KINDS}, got {kind!r}")
+    from .onnx import detect_family
+    if family not in (None,) + FAMILIES:
+        raise ValueError(f"family must be None (found from the source) or one of {FAMILIES}, got {family!r}")
     backends = (backends,) if isinstance(backends, str) else tuple(backends)
     bad = [b for b in backends if b not in BACKENDS]
     if not backends or bad or len(set(backends)) != len(backends):
         raise ValueError(f"backends must be distinct names from {tuple(BACKENDS)}, got {backends!r}")
     if device not in ("gpu", "cpu"):
         raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
-    if device == "cpu" and "tensorrt" in backends:
-        raise ValueError("TensorRT models run on GPUs only; use device='gpu' or backends=('onnxruntime',)")
+    if device == "cpu" and ("tensorrt" in backends or fp16):
+        raise ValueError("TensorRT and fp16 towers run on GPUs only; use device='gpu', or backends=('onnxruntime',) "
+                         "in fp32 on CPU")
     for name, v, least in (("max_batch_size", max_batch_size, 1), ("instances", instances, 1),
                            ("queue_delay_us", queue_delay_us, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
@@ -336,11 +334,12 @@ def export_triton_repo(source, out_dir, *, kind: str = "auto", backends=("onnxru
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise FileExistsError(f"{out} exists and is {'a file' if not out.is_dir() else 'not empty'}: choose an "
-                              "empty folder, or pass overwrite=True (--overwrite) to replace the models written there")
-    kind = _kind_of(source) if kind == "auto" else kind
+                              "empty folder, or pass overwrite=True (--overwrite) to replace the models it "
+                              "writes there")
+    family = family or detect_family(source)
     out.mkdir(parents=True, exist_ok=True)
-    repo = _Repo(out, backends, max_batch_size, queue_delay_us, instances, device)
+    repo = _Repo(out, backends, max_batch_size, queue_delay_us, instances, device, fp16)
     with tempfile.TemporaryDirectory(prefix=".mmfast-", dir=out) as tmp:
-        {"clip": _clip, "vq": _vq, "dalle": _generator}[kind](repo, source, Path(tmp))
+        {"clip": _clip, "vq": _vq, "dalle": _generator}[family](repo, source, Path(tmp))
     repo.finish()
     return repo.models

@@ -131,9 +131,10 @@ def _export_onnx(args) -> None:
 
 def _export_triton_repo(args) -> None:
     from .export.triton_server import export_triton_repo
-    models = export_triton_repo(args.path, args.out, kind=args.kind, backends=args.backend or ["onnxruntime"],
-                                max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
-                                instances=args.instances, device=args.device, overwrite=args.overwrite)
+    models = export_triton_repo(args.path, args.out, family=args.family, backends=args.backend or ["onnxruntime"],
+                                fp16=args.fp16, max_batch_size=args.max_batch_size,
+                                queue_delay_us=args.queue_delay_us, instances=args.instances, device=args.device,
+                                overwrite=args.overwrite)
     for name, d in models.items():
         print(f"{name:<20} {d}")
     if (Path(args.out) / "build_trt_plans.sh").exists():
@@ -240,9 +241,10 @@ def main(argv=None) -> None:
                               "Runtime / TensorRT towers, Python-backend tokenizer / preprocessor, ensembles")
     p.add_argument("path", help="a CLIP checkpoint (open_clip / HF folder, .pt), a VQGAN, or min-dalle's folder")
     p.add_argument("--out", required=True, help="the repository folder (must be empty unless --overwrite)")
-    p.add_argument("--kind", default="auto", choices=["auto", "clip", "vq", "dalle"])
+    p.add_argument("--family", choices=["clip", "vq", "dalle"], help="default: found from the path's files")
     p.add_argument("--backend", action="append", choices=["onnxruntime", "tensorrt"],
                    help="tower backend, repeatable; the first feeds the ensembles (default: onnxruntime)")
+    p.add_argument("--fp16", action="store_true", help="fp16 towers (GPU; TensorRT builds them strongly typed)")
     p.add_argument("--max-batch-size", type=int, default=32, help="largest batch Triton's dynamic batcher forms")
     p.add_argument("--queue-delay-us", type=int, default=500, help="how long a request may wait for others")
     p.add_argument("--instances", type=int, default=1, help="model instances (instance_group count)")

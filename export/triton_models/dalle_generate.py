@@ -37,7 +37,8 @@ class TritonPythonModel:
         self.rng = np.random.default_rng()
 
     def _rows(self, request):
-        prompts = [p.decode("utf-8") for p in pb_utils.get_input_tensor_by_name(request, "prompt").as_numpy().reshape(-1)]
+        raw = pb_utils.get_input_tensor_by_name(request, "prompt").as_numpy().reshape(-1)  # (b,) bytes
+        prompts = [p.decode("utf-8") for p in raw]
         n = len(prompts)
         seeds = _column(request, "seed", n, None, int)
         seeds = [int(self.rng.integers(0, 2 ** 62)) if s is None else s for s in seeds]

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from mmfast.clip.runtime import load_clip
-from mmfast.export.graph import signature
+from mmfast.export.graph import signature, weight_dtypes
 from mmfast.export.triton_server import export_triton_repo, to_pbtxt
 
 TEXTS = ["a photo of a cat", "кошка на диване 🐱", "", "A diagram, of <b>the</b> transformer!!"]
@@ -139,12 +139,13 @@ def test_configs_parse_with_tritons_protobuf(clip_repo, pb2):
     assert "--onnx=clip_text_trt/1/model.onnx --saveEngine=clip_text_trt/1/model.plan" in script
     assert "--minShapes=ids:1x1,pool:1 --optShapes=ids:8x77,pool:8 --maxShapes=ids:8x77,pool:8" in script
     assert "--maxShapes=pixels:8x3x32x32" in script and "--stronglyTyped" not in script
+    assert script.count("--noTF32") == 2  # fp32 plans are fp32, as build_plan's
 
 
-def test_tower_configs_name_their_graphs_tensors(clip_repo, pb2):
-    repo, _ = clip_repo
-    towers = {n: c for n, c in parse_configs(repo, pb2).items() if c.platform in ("onnxruntime_onnx", "tensorrt_plan")}
-    assert len(towers) == 4
+def assert_towers_match_graphs(repo: Path, pb2) -> dict:
+    """Every ONNX Runtime / TensorRT model names its graph's inputs and outputs, types and dims."""
+    towers = {n: c for n, c in parse_configs(repo, pb2).items()
+              if c.platform in ("onnxruntime_onnx", "tensorrt_plan")}
     for name, cfg in towers.items():
         sig = signature(repo / name / "1" / "model.onnx")
         assert onnx.load(str(repo / name / "1" / "model.onnx")).graph.node  # the whole graph, weights inline
@@ -157,6 +158,30 @@ def test_tower_configs_name_their_graphs_tensors(clip_repo, pb2):
                     assert list(c.dims) == want and not c.HasField("reshape")
                 else:  # a batch-only tensor ([B]): dims [1] reshaped to [] in the graph
                     assert list(c.dims) == [1] and c.HasField("reshape") and list(c.reshape.shape) == []
+    return towers
+
+
+def test_tower_configs_name_their_graphs_tensors(clip_repo, pb2):
+    assert len(assert_towers_match_graphs(clip_repo[0], pb2)) == 4
+
+
+def test_vq_towers_and_fp16_plans(tmp_path, pb2):
+    from mmfast.vqgan import VQ, VQGAN, VQConfig
+    cfg = VQConfig(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,), z_channels=16,
+                   embed_dim=8, n_embed=97)
+    torch.manual_seed(0)
+    out = tmp_path / "vq"
+    models = export_triton_repo(VQ(VQGAN(cfg).eval(), device="cpu", dtype="fp32"), out, fp16=True,
+                                backends=("tensorrt", "onnxruntime"), max_batch_size=2)
+    assert sorted(models) == ["vq_decoder", "vq_decoder_trt", "vq_encoder", "vq_encoder_trt"]
+    towers = assert_towers_match_graphs(out, pb2)
+    assert [list(t.dims) for t in towers["vq_decoder_trt"].input] == [[-1, -1]]  # tokens [h, w], any grid
+    assert "float16" in weight_dtypes(out / "vq_decoder" / "1" / "model.onnx")
+    script = (out / "build_trt_plans.sh").read_text()
+    # f4 at 32 px: image sides 4..32, token grids 1..8; fp16 weights build as a strongly typed network
+    assert "--minShapes=pixels:1x3x4x4 --optShapes=pixels:2x3x32x32 --maxShapes=pixels:2x3x32x32" in script
+    assert "--minShapes=tokens:1x1x1 --optShapes=tokens:2x8x8 --maxShapes=tokens:2x8x8" in script
+    assert script.count("--stronglyTyped") == 2
 
 
 def test_ensembles_chain_existing_inputs_and_outputs(clip_repo, pb2):
@@ -294,8 +319,9 @@ def test_target_must_be_empty_unless_overwrite(tmp_path, tiny_clip):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"backends": ("onnx",)}, "backends must be"), ({"backends": ()}, "backends must be"),
-    ({"kind": "resnet"}, "kind must be"), ({"device": "tpu"}, "device must be"),
-    ({"device": "cpu", "backends": ("tensorrt",)}, "GPUs only"), ({"max_batch_size": 0}, "max_batch_size"),
+    ({"family": "resnet"}, "family must be"), ({"device": "tpu"}, "device must be"),
+    ({"device": "cpu", "backends": ("tensorrt",)}, "GPUs only"),
+    ({"device": "cpu", "fp16": True}, "GPUs only"), ({"max_batch_size": 0}, "max_batch_size"),
     ({"queue_delay_us": -1}, "queue_delay_us"), ({"instances": True}, "instances")])
 def test_bad_arguments_are_named(tmp_path, tiny_clip, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -338,7 +364,7 @@ def dalle_dir(tmp_path_factory):
 def test_generator_model_runs_mmfasts_loop(dalle_dir, tmp_path, pb_utils, pb2):
     from mmfast import load_generator
     out = tmp_path / "repo"
-    models = export_triton_repo(dalle_dir.parent, out, device="cpu", max_batch_size=4)  # kind found: dalle
+    models = export_triton_repo(dalle_dir.parent, out, device="cpu", max_batch_size=4)  # family found: dalle
     assert list(models) == ["dalle_generate"]
     cfg = parse_configs(out, pb2)["dalle_generate"]
     assert cfg.backend == "python" and cfg.max_batch_size == 4
@@ -359,4 +385,4 @@ def test_generator_model_runs_mmfasts_loop(dalle_dir, tmp_path, pb_utils, pb2):
     np.testing.assert_array_equal(responses[1].outputs["tokens"], want1.numpy())
     assert responses[1].outputs["tokens"].shape == (2, 256)
     with pytest.raises(TypeError, match="min-dalle's folder"):
-        export_triton_repo(gen, tmp_path / "r2", kind="dalle")
+        export_triton_repo(gen, tmp_path / "r2")
