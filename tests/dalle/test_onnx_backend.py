@@ -113,6 +113,9 @@ def test_bad_input(tiny, tmp_path):
         load_generator(tiny[0], device="cpu", backend="onnxruntime", dtype="bf16", vqgan=None)
     with pytest.raises(ValueError, match="backend='tensorrt' is not supported"):
         load_generator(tiny[0], device="cpu", backend="tensorrt", vqgan=None)
-    packed = load_generator(tiny[0], device="cpu", dtype="int8", vqgan=None)  # torch, int8-packed step weights
-    with pytest.raises(ValueError, match="pass the checkpoint path"):
-        export_generator(packed, tmp_path)
+    with pytest.raises(ValueError, match="pass the checkpoint path"):              # bf16 weights
+        export_generator(load_generator(tiny[0], device="cpu", dtype="bf16", vqgan=None), tmp_path)
+    enc, dec = dalle_modules(tiny[0])
+    if hasattr(dec, "pack_weights"):                                             # the CPU step's packed linears
+        with pytest.raises(ValueError, match="pass the checkpoint path"):
+            export_generator((enc, dec.pack_weights("int8")), tmp_path)
