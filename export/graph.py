@@ -10,6 +10,7 @@ by hand, so they follow whatever `mmfast.export.onnx` produces.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,3 +90,11 @@ def onnx_digest(path) -> str:
 def weight_dtypes(model) -> set[str]:
     """dtype names of the graph's initializers: {"float16", ...} marks an fp16 export."""
     return {_DTYPES.get(t.data_type, f"onnx:{t.data_type}") for t in _load(model).graph.initializer}
+
+
+def onnx_config(model) -> dict:
+    """The model config mmfast's exports stamp into the file (`mmfast.config` metadata), as a dict."""
+    meta = {p.key: p.value for p in _load(model).metadata_props}
+    if "mmfast.config" not in meta:
+        raise ValueError(f"{model} carries no mmfast.config metadata: export it with mmfast.export.onnx")
+    return json.loads(meta["mmfast.config"])

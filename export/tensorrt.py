@@ -22,7 +22,7 @@ import os
 import warnings
 from pathlib import Path
 
-from .graph import check_onnx, onnx_digest, signature, weight_dtypes
+from .graph import check_onnx, onnx_config, onnx_digest, signature, weight_dtypes
 
 PLAN_FORMAT = 1          # bump when the way plans are built changes: old plans then miss the cache
 PRECISIONS = ("fp32", "fp16")
@@ -241,6 +241,15 @@ def clip_profiles(paths: dict, cfg, max_batch: int = 32, opt_batch: int | None =
             "text": optimization_profiles(paths["text"], batch, length)}
 
 
+def vq_profiles(paths: dict, resolution: int, factor: int, max_batch: int = 4, opt_batch: int | None = None) -> dict:
+    """Profiles of the VQGAN parts: batch 1..max_batch; image sides factor..resolution (encoder) and
+    token grids 1..resolution / factor (decoder), tuned for the training resolution."""
+    batch = (1, opt_batch or max_batch, max_batch)
+    sides = {"encoder": (factor, resolution, resolution), "decoder": (1, resolution // factor, resolution // factor)}
+    return {part: optimization_profiles(p, batch, {d: sides[part] for t in signature(p).inputs for d in t.dims[1:]
+                                                   if isinstance(d, str)}) for part, p in paths.items()}
+
+
 def export_clip(source, out_dir, *, precision: str = "fp32", max_batch: int = 32,
                 opt_batch: int | None = None) -> dict[str, Path]:
     """CLIP towers -> ONNX (checked against PyTorch) -> TensorRT plans for this GPU, in `out_dir`.
@@ -256,4 +265,21 @@ def export_clip(source, out_dir, *, precision: str = "fp32", max_batch: int = 32
     model = clip_module(source)
     paths = export_clip_onnx(model, out_dir, fp16=precision == "fp16")
     profiles = clip_profiles(paths, model.cfg, max_batch, opt_batch)
+    return {part: cached_engine(paths[part], out_dir, profiles[part], precision=precision)[1] for part in paths}
+
+
+def export_vq(source, out_dir, *, parts=None, precision: str = "fp32", max_batch: int = 4,
+              opt_batch: int | None = None) -> dict[str, Path]:
+    """VQGAN encoder (-> latents) / decoder (tokens ->) -> ONNX -> TensorRT plans for this GPU.
+
+    source : a checkpoint path, a `VQ` or a `VQGAN`; parts : default both (decoder only for decoder-only
+    files). Returns {part: plan path}, cached by key in `out_dir`.
+    """
+    from .onnx import export_vq as export_vq_onnx
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    import_tensorrt()
+    paths = export_vq_onnx(source, out_dir, parts=parts, fp16=precision == "fp16")
+    cfg = onnx_config(next(iter(paths.values())))
+    profiles = vq_profiles(paths, cfg["resolution"], 2 ** (len(cfg["ch_mult"]) - 1), max_batch, opt_batch)
     return {part: cached_engine(paths[part], out_dir, profiles[part], precision=precision)[1] for part in paths}

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .graph import Tensor, check_onnx, signature, weight_dtypes
+from .graph import Tensor, check_onnx, onnx_config, signature, weight_dtypes
 from .tensorrt import optimization_profiles
 
 # backend -> (Triton platform, model file, model name suffix)
@@ -115,8 +115,9 @@ class _Repo:
         return {"max_batch_size": self.max_batch, "dynamic_batching": {"max_queue_delay_microseconds": self.delay},
                 "instance_group": [{"count": self.instances, "kind": Enum(kind)}]}
 
-    def tower(self, name: str, onnx_path: Path, dims: dict | None = None) -> dict[str, str]:
-        """The exported graph as one model per backend; returns {backend: model name}."""
+    def tower(self, name: str, onnx_path: Path, dims: dict | None = None, profiles: dict | None = None) -> dict:
+        """The exported graph as one model per backend; returns {backend: model name}. TensorRT's profile:
+        `profiles`, or batch 1..max_batch_size with `dims` for the other symbolic axes."""
         sig = check_onnx(onnx_path)
         if not _batched(sig):
             raise ValueError(f"{onnx_path}: every input and output needs a symbolic batch axis 0 for Triton's "
@@ -131,8 +132,8 @@ class _Repo:
             d = self._model_dir(name + suffix, config)
             _place_onnx(onnx_path, d / "1" / "model.onnx")
             if backend == "tensorrt":
-                profiles = optimization_profiles(onnx_path, (1, self.max_batch, self.max_batch), dims)
-                self._plan(d / "1", profiles)
+                batch = (1, self.max_batch, self.max_batch)
+                self._plan(d / "1", profiles or optimization_profiles(onnx_path, batch, dims))
             names[backend] = name + suffix
         return names
 
@@ -259,18 +260,14 @@ def _clip(repo: _Repo, source, tmp: Path) -> None:
 
 
 def _vq(repo: _Repo, source, tmp: Path) -> None:
-    import onnx
-
     from .onnx import export_vq
-    for part, path in export_vq(source, tmp, fp16=repo.fp16).items():
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        cfg = json.loads(meta["mmfast.config"])
-        f = 2 ** (len(cfg["ch_mult"]) - 1)
-        res, grid = cfg["resolution"], cfg["resolution"] // f
-        # TensorRT profiles: image sides up to the training resolution, token grids up to its grid
-        side = (f, res, res) if part == "encoder" else (1, grid, grid)
-        dims = {d: side for t in signature(path).inputs for d in t.dims[1:] if isinstance(d, str)}
-        repo.tower(f"vq_{part}", Path(path), dims)
+    from .tensorrt import vq_profiles
+    paths = export_vq(source, tmp, fp16=repo.fp16)
+    cfg = onnx_config(next(iter(paths.values())))
+    # TensorRT: image sides up to the training resolution, token grids up to its grid
+    dims = vq_profiles(paths, cfg["resolution"], 2 ** (len(cfg["ch_mult"]) - 1), repo.max_batch)
+    for part, path in paths.items():
+        repo.tower(f"vq_{part}", Path(path), profiles=dims[part])
 
 
 def _generator(repo: _Repo, source, tmp: Path) -> None:

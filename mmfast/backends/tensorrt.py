@@ -1,5 +1,6 @@
 """Models on TensorRT: `TrtEngine` runs one plan on torch CUDA tensors; `TrtClip` is the duck type of
-`mmfast.clip.model.CLIP` that `Clip` calls (as `OrtClip` is for ONNX Runtime).
+`mmfast.clip.model.CLIP` that `Clip` calls, `TrtVQ` of `mmfast.vqgan.model.VQGAN` for `VQ` (as `OrtClip`
+and `OrtVQ` are for ONNX Runtime).
 
 Buffers are torch tensors: inputs are bound with `set_tensor_address(name, tensor.data_ptr())`,
 outputs are allocated at the shapes the context infers, and `execute_async_v3` runs on torch's
@@ -7,13 +8,15 @@ current stream, so the results are ordered with whatever torch does next, withou
 """
 from __future__ import annotations
 
+import copy
 import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
-from mmfast.export.tensorrt import cached_engine, clip_profiles, import_tensorrt, out_of_profile
+from mmfast.export.tensorrt import (PRECISIONS, cached_engine, clip_profiles, import_tensorrt, out_of_profile,
+                                    vq_profiles)
 
 _TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
           "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
@@ -83,7 +86,6 @@ class TrtClip:
 
     def __init__(self, model, cache_dir=None, precision: str = "fp32", max_batch: int = 32, device=None):
         from mmfast.export.onnx import export_clip
-        from mmfast.export.tensorrt import PRECISIONS
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         import_tensorrt()
@@ -113,3 +115,45 @@ class TrtClip:
             T = int(pool.max()) + 1  # the same exact truncation as the torch model (causal attention)
             out.append(run(ids=chunk[:, :T], pool=pool)["embeddings"])
         return torch.cat(out)
+
+
+class TrtVQ:
+    """VQGAN encoder (-> latents) and decoder (tokens ->) on TensorRT, `encode_latents` / `encode` /
+    `decode` as `VQGAN` has them; tokens from the latents by the model's own quantizer
+    (`kernels.nearest_code`), outside the graph. Profiles: batch 1..max_batch, sides up to the
+    training resolution (`vq_profiles`)."""
+
+    def __init__(self, model, cache_dir=None, precision: str = "fp32", max_batch: int = 4, device=None):
+        from mmfast.export.onnx import export_vq
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        import_tensorrt()
+        self.cfg = model.cfg
+        self.max_batch = max_batch
+        out = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="mmfast-trt-"))
+        paths = export_vq(model, out, fp16=precision == "fp16")
+        profiles = vq_profiles(paths, self.cfg.resolution, self.cfg.factor, max_batch)
+        self.engines = {part: TrtEngine.from_onnx(paths[part], profiles[part], cache_dir=out, precision=precision,
+                                                  device=device) for part in paths}
+        self.device = next(iter(self.engines.values())).device
+        self.quantize = copy.deepcopy(model.quantize).to(self.device).float()  # the caller's model stays put
+        self.quantize.refresh()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32  # what the engines take and return (fp16 plans keep fp32 edges)
+
+    def _run(self, part: str, name: str, x: torch.Tensor, out: str) -> torch.Tensor:
+        if part not in self.engines:
+            raise ValueError(f"this checkpoint has no {part} (min-dalle's detoker.pt is decoder-only)")
+        return torch.cat([self.engines[part](**{name: x[i:i + self.max_batch]})[out]
+                          for i in range(0, x.shape[0], self.max_batch)])
+
+    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run("encoder", "pixels", x, "latents")
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantize.codes(self.encode_latents(x))
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._run("decoder", "tokens", ids, "pixels")

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from mmfast.export.graph import check_onnx, onnx_digest, signature
 from mmfast.export.tensorrt import (build_plan, clip_profiles, import_tensorrt, optimization_profiles,
-                                    out_of_profile, plan_key)
+                                    out_of_profile, plan_key, vq_profiles)
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 needs_trt = pytest.mark.skipif(not (HAS_TRT and torch.cuda.is_available()),
@@ -53,6 +53,31 @@ def test_profiles_cover_the_batch_range_of_each_part(clip_onnx, tiny_clip):
     assert "axis 0 is 0" in out_of_profile(prof["text"]["pool"], (0,))
     assert "axis 1 is 78" in out_of_profile(prof["text"]["ids"], (2, ctx + 1))
     assert "dims" in out_of_profile(prof["image"]["pixels"], (2, 3, S))
+
+
+@pytest.fixture(scope="module")
+def tiny_vq():
+    from mmfast.vqgan import VQGAN, VQConfig
+    torch.manual_seed(0)
+    cfg = VQConfig(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,),
+                   z_channels=16, embed_dim=8, n_embed=97)
+    return VQGAN(cfg).eval()
+
+
+def test_vq_profiles_cover_sides_up_to_the_training_resolution(tmp_path, tiny_vq):
+    from mmfast.export.graph import onnx_config
+    from mmfast.export.onnx import export_vq
+    paths = export_vq(tiny_vq, tmp_path)
+    for p in paths.values():
+        check_onnx(p)
+    assert onnx_config(paths["decoder"])["resolution"] == 32
+    prof = vq_profiles(paths, 32, tiny_vq.cfg.factor, max_batch=3)
+    assert prof == {"encoder": {"pixels": ((1, 3, 4, 4), (3, 3, 32, 32), (3, 3, 32, 32))},
+                    "decoder": {"tokens": ((1, 1, 1), (3, 8, 8), (3, 8, 8))}}
+    for b, h, w in [(1, 1, 1), (3, 8, 8), (2, 3, 7)]:
+        assert out_of_profile(prof["decoder"]["tokens"], (b, h, w)) is None
+        assert out_of_profile(prof["encoder"]["pixels"], (b, 3, 4 * h, 4 * w)) is None
+    assert "axis 1 is 9" in out_of_profile(prof["decoder"]["tokens"], (1, 9, 8))
 
 
 def test_profiles_name_what_they_cannot_range(tmp_path):
@@ -106,13 +131,14 @@ def test_bad_precision_and_fp16_graph_errors(tmp_path, clip_onnx):
 
 
 @no_trt
-def test_missing_tensorrt_names_the_extra(tmp_path, tiny_clip, clip_onnx):
-    from mmfast.backends.tensorrt import TrtClip, TrtEngine
-    from mmfast.export.tensorrt import cached_engine, export_clip
+def test_missing_tensorrt_names_the_extra(tmp_path, tiny_clip, clip_onnx, tiny_vq):
+    from mmfast.backends.tensorrt import TrtClip, TrtEngine, TrtVQ
+    from mmfast.export.tensorrt import cached_engine, export_clip, export_vq
     prof = clip_profiles(clip_onnx, tiny_clip.cfg, max_batch=4)
     calls = [import_tensorrt, lambda: build_plan(clip_onnx["image"], tmp_path / "i.plan", prof["image"]),
              lambda: cached_engine(clip_onnx["image"], tmp_path, prof["image"]),
-             lambda: export_clip(tiny_clip, tmp_path), lambda: TrtEngine(None), lambda: TrtClip(tiny_clip)]
+             lambda: export_clip(tiny_clip, tmp_path), lambda: TrtEngine(None), lambda: TrtClip(tiny_clip),
+             lambda: export_vq(tiny_vq, tmp_path), lambda: TrtVQ(tiny_vq)]
     for call in calls:
         with pytest.raises(ImportError, match=r"pip install 'mmfast\[tensorrt\]'"):
             call()
@@ -134,6 +160,20 @@ def test_trt_clip_matches_torch(tmp_path, tiny_clip, batch):
         torch.testing.assert_close(trt_clip.encode_text(ids), model.encode_text(ids), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="axis 0 is 9"):
         trt_clip.engines["image"](pixels=torch.randn(9, 3, 32, 32, device="cuda"))
+
+
+@needs_trt
+@pytest.mark.parametrize("batch", [1, 5])
+def test_trt_vq_matches_torch(tmp_path, tiny_vq, batch):
+    from mmfast.backends.tensorrt import TrtVQ
+    model = tiny_vq.cuda()
+    trt_vq = TrtVQ(model, cache_dir=tmp_path, max_batch=4)
+    px = torch.rand(batch, 3, 32, 24, device="cuda") * 2 - 1
+    tokens = torch.randint(0, 97, (batch, 8, 6), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(trt_vq.encode_latents(px), model.encode_latents(px), atol=1e-4, rtol=0)
+        # [0, 1] pixels within 1e-3: the model range is [-1, 1]
+        torch.testing.assert_close(trt_vq.decode(tokens), model.decode(tokens), atol=2e-3, rtol=0)
 
 
 @needs_trt
