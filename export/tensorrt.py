@@ -126,13 +126,13 @@ def _write(path: Path, data) -> None:
 def _set_timing_cache(config, path: Path | None) -> None:
     data = path.read_bytes() if path is not None and path.is_file() else b""
     try:
-        ok = config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False)
+        ok = config.set_timing_cache(config.create_timing_cache(data), False)  # False: refuse a mismatch
     except Exception:  # noqa: BLE001 - TensorRT raises plain RuntimeError/TypeError on foreign bytes
         ok = False
     if not ok:
         warnings.warn(f"timing cache {path} is from another TensorRT version or GPU (or damaged); "
                       "starting a new one", stacklevel=3)
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+        config.set_timing_cache(config.create_timing_cache(b""), False)
 
 
 def build_plan(onnx_path, plan_path, profiles: dict, *, precision: str = "fp32", timing_cache=None,
@@ -241,7 +241,8 @@ def clip_profiles(paths: dict, cfg, max_batch: int = 32, opt_batch: int | None =
             "text": optimization_profiles(paths["text"], batch, length)}
 
 
-def vq_profiles(paths: dict, resolution: int, factor: int, max_batch: int = 4, opt_batch: int | None = None) -> dict:
+def vq_profiles(paths: dict, resolution: int, factor: int, max_batch: int = 4,
+                opt_batch: int | None = None) -> dict:
     """Profiles of the VQGAN parts: batch 1..max_batch; image sides factor..resolution (encoder) and
     token grids 1..resolution / factor (decoder), tuned for the training resolution."""
     batch = (1, opt_batch or max_batch, max_batch)

@@ -173,10 +173,10 @@ class _Repo:
     def finish(self) -> None:
         if self.trtexec:
             script = self.out / "build_trt_plans.sh"
-            script.write_text("#!/bin/sh\n# Builds the TensorRT plans on the serving GPU (a plan runs only on the GPU\n"
-                              "# model and TensorRT version that built it). Run once before starting tritonserver.\n"
-                              'set -e\ncd "$(dirname "$0")"\nTRTEXEC="${TRTEXEC:-trtexec}"\n'
-                              + "\n".join(self.trtexec) + "\n", encoding="utf-8")
+            head = ("#!/bin/sh\n# Builds the TensorRT plans on the serving GPU (a plan runs only on the GPU model\n"
+                    "# and TensorRT version that built it). Run once before starting tritonserver.\n"
+                    'set -e\ncd "$(dirname "$0")"\nTRTEXEC="${TRTEXEC:-trtexec}"\n')
+            script.write_text(head + "\n".join(self.trtexec) + "\n", encoding="utf-8")
             script.chmod(0o755)
         (self.out / "README.md").write_text(_readme(self), encoding="utf-8")
 

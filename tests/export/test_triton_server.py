@@ -4,6 +4,8 @@ Python-backend models run under a stub of `triton_python_backend_utils` and give
 import importlib.util
 import io
 import json
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -182,6 +184,10 @@ def test_vq_towers_and_fp16_plans(tmp_path, pb2):
     assert "--minShapes=pixels:1x3x4x4 --optShapes=pixels:2x3x32x32 --maxShapes=pixels:2x3x32x32" in script
     assert "--minShapes=tokens:1x1x1 --optShapes=tokens:2x8x8 --maxShapes=tokens:2x8x8" in script
     assert script.count("--stronglyTyped") == 2
+    # the script runs as written (trtexec replaced by echo: a shell check, not a TensorRT one)
+    run = subprocess.run(["sh", str(out / "build_trt_plans.sh")], env={**os.environ, "TRTEXEC": "echo"},
+                         cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert run.stdout.splitlines()[1].startswith("--onnx=vq_decoder_trt/1/model.onnx")
 
 
 def test_ensembles_chain_existing_inputs_and_outputs(clip_repo, pb2):
