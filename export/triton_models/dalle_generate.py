@@ -42,6 +42,8 @@ class TritonPythonModel:
         n = len(prompts)
         seeds = _column(request, "seed", n, None, int)
         seeds = [int(self.rng.integers(0, 2 ** 62)) if s is None else s for s in seeds]
+        if any(not 0 <= s < 2 ** 63 for s in seeds):  # checked here: a bad seed fails its own request only
+            raise ValueError(f"seed must be in [0, 2**63), got {seeds}")
         params = zip(*(_column(request, k, n, v, type(v)) for k, v in DEFAULTS.items()))
         return [(p, s, tuple(ps)) for p, s, ps in zip(prompts, seeds, params)]
 

@@ -381,9 +381,11 @@ def test_generator_model_runs_mmfasts_loop(dalle_dir, tmp_path, pb_utils, pb2):
     requests = [Request(prompt=_strings("a red cat"), seed=np.array([[3]])),
                 Request(prompt=_strings("the hat", "a red cat"), seed=np.array([[5], [7]]),
                         top_k=np.array([[4], [4]]), guidance=np.array([[2.5], [2.5]], np.float32)),
-                Request(prompt=_strings("a cat"), seed=np.array([[1], [2]]))]  # two seeds, one prompt
+                Request(prompt=_strings("a cat"), seed=np.array([[1], [2]])),  # two seeds, one prompt
+                Request(prompt=_strings("a hat"), seed=np.array([[-1]]))]
     responses = model.execute(requests)
     assert "seed has 2 values for 1 prompts" in responses[2].error.message()
+    assert "seed must be in [0, 2**63)" in responses[3].error.message()
     gen = load_generator(dalle_dir, device="cpu", dtype="fp32")
     want0 = gen.generate_tokens("a red cat", seed=[3])
     want1 = gen.generate_tokens(["the hat", "a red cat"], seed=[5, 7], top_k=4, guidance=2.5)
