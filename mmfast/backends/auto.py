@@ -24,8 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .onnxruntime import (OrtClip, OrtDalleDecoder, OrtDalleEncoder, OrtVQ, _machine, cache_root, check_dtype,
-                          exported, quantized, weights_sha256)
+from .onnxruntime import OrtClip, OrtVQ, _machine, cache_root, check_dtype, exported, quantized, weights_sha256
+from .onnxruntime_dalle import OrtDalleDecoder, OrtDalleEncoder
 
 BACKENDS = ("torch", "onnxruntime", "auto")
 MARGIN = 1.05
@@ -203,7 +203,9 @@ def vq_backend(vq, model, backend: str, dtype):
         return name, m, {p: {"backend": "torch", "dtype": name, "why": why} for p in parts}
     key = _key("vq", weights_sha256(model), dtype, vq.device)
     choice = _cached(key)
-    name, tm = vq._choose(copy.deepcopy(model), dtype)
+    ort = None
+    all_ort = choice is not None and all(choice[p]["choice"] != "torch" for p in parts)
+    name, tm = ("fp32", None) if all_ort else vq._choose(copy.deepcopy(model), dtype)   # torch's dtype="auto"
     if choice is None:
         ref = tm if name == "fp32" else vq._prepare(copy.deepcopy(model), "fp32")
         ort = OrtVQ(model, parts=parts)
@@ -231,8 +233,10 @@ def vq_backend(vq, model, backend: str, dtype):
     on_ort = tuple(p for p in parts if choice[p]["choice"] != "torch")
     if not on_ort:
         m = tm
-    else:
-        m = OrtVQ(model, parts=on_ort, fallback=tm if len(on_ort) < len(parts) else None)
+    elif len(on_ort) == len(parts):
+        m = ort or OrtVQ(model, parts=parts)
+    else:                                                    # one part each: torch runs the other
+        m = OrtVQ(model, parts=on_ort, fallback=tm)
     info = _info(choice, lambda p, c: name if c == "torch" else "fp32")
     return (name if len(on_ort) < len(parts) else "fp32"), m, info
 

@@ -218,3 +218,29 @@ def test_cli_export_onnx(tmp_path, capsys):
     assert "vq_decoder.onnx" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown part"):
         main(["export", "onnx", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "o2"), "--parts", "middle"])
+
+
+def test_auto_mixes_engines_per_part_from_a_cached_measurement(tiny_clip):
+    """A cached measurement is used as is (no probe): here one part on each engine."""
+    from mmfast.backends import auto
+    from mmfast.backends.onnxruntime import weights_sha256
+
+    cpu = torch.device("cpu")
+    m = _vq_model()
+    choice = {"encoder": {"choice": "torch", "why": "test"}, "decoder": {"choice": "onnxruntime fp32", "why": "test"}}
+    auto._store(auto._key("vq", weights_sha256(m), "fp32", cpu), choice)
+    vq, ref = VQ(m, device="cpu", dtype="fp32", backend="auto"), VQ(_vq_model(), device="cpu", dtype="fp32")
+    assert vq.info["decoder"]["backend"] == "onnxruntime" and vq.info["encoder"]["backend"] == "torch"
+    assert vq.info["decoder"]["why"] == "cached measurement: test"
+    px, ids = torch.rand(2, 3, 16, 16), torch.randint(0, 97, (2, 4, 4))
+    assert torch.equal(vq.encode_pixels(px), ref.encode_pixels(px))                 # torch encoder: exact
+    assert psnr(vq.decode_pixels(ids), ref.decode_pixels(ids)) > 60
+    choice = {p: {"choice": c, "why": "test", "torch_dtype": "fp32"} for p, c in
+              (("image", "onnxruntime int8"), ("text", "torch"))}
+    auto._store(auto._key("clip", weights_sha256(tiny_clip), "fp32", cpu), choice)
+    clip, ref = Clip(tiny_clip, device="cpu", dtype="fp32", backend="auto"), Clip(tiny_clip, device="cpu", dtype="fp32")
+    assert clip.backend == "auto: image onnxruntime int8, text torch fp32"
+    texts = ["a cat", "a dog"]
+    torch.testing.assert_close(clip.encode_texts(texts), ref.encode_texts(texts), atol=0, rtol=0)
+    x = torch.randn(2, 3, 32, 32)
+    assert F.cosine_similarity(clip.encode_images(x), ref.encode_images(x)).min() > 0.99
