@@ -9,3 +9,13 @@ import torch  # noqa: E402
 from tests import torchvision_shim  # noqa: E402,F401  (open_clip imports torchvision)
 
 torch.manual_seed(0)
+
+# Importing min_dalle switches autograd off and sets the thread count for the whole process; import it
+# once here and put both back, so a test that imports it cannot change the tests that run after it.
+_grad, _threads = torch.is_grad_enabled(), torch.get_num_threads()
+try:
+    import min_dalle  # noqa: E402,F401
+except ImportError:
+    pass
+torch.set_grad_enabled(_grad)
+torch.set_num_threads(_threads)
