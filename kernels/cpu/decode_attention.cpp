@@ -35,6 +35,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -48,6 +50,7 @@
 #include <vector>
 
 namespace py = pybind11;
+using mmfast_simd::hsum16;
 
 namespace {
 
@@ -91,24 +94,6 @@ template <Dt T> inline void store1(void* p, int64_t i, float f) {
                                        ? uint16_t((u >> 16) | 0x40)
                                        : uint16_t((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
   }
-}
-
-// 16 accumulators -> their 16 horizontal sums in one vector (lane j = sum of v[j]); as in
-// similarity.cpp: 45 shuffles/adds instead of 16 separate reductions.
-inline __m512 hsum16(const __m512* v) {
-  __m512 s[8], t[4], w[2];
-  for (int i = 0; i < 8; ++i)
-    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; ++i)
-    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0xDD));
-  for (int i = 0; i < 2; ++i)
-    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(t[2 * i], t[2 * i + 1]), _mm512_unpackhi_ps(t[2 * i], t[2 * i + 1]));
-  const __m512d a = _mm512_castps_pd(w[0]), b = _mm512_castps_pd(w[1]);
-  const __m512 x = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  // lane 4L + m holds the sum of v[4m + L]: put lane j's sum back in lane j
-  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), x);
 }
 
 // 2^x for the softmax (x <= 0): 2^round(x) * p(x - round(x)), p of degree 6; -inf -> 0.

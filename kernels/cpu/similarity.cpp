@@ -18,6 +18,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -36,6 +38,7 @@
 #endif
 
 namespace py = pybind11;
+using mmfast_simd::hsum16;
 
 namespace {
 
@@ -85,24 +88,6 @@ inline __m512 load16(const bf16* p) { return widen_bf16(_mm256_loadu_si256((cons
 inline __m512 load16(const bf16* p, __mmask16 m) { return widen_bf16(_mm256_maskz_loadu_epi16(m, p)); }
 inline __m512 load16(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
 inline __m512 load16(const int8_t* p, __mmask16 m) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p))); }
-
-// 16 accumulators -> their 16 horizontal sums in one vector (45 shuffles/adds instead of 16
-// separate reductions). After the 4 levels lane 4L+m holds sum(v[4m+L]); the permute restores order.
-inline __m512 hsum16(const __m512* v) {
-  __m512 s[8], t[4], w[2];
-  for (int i = 0; i < 8; ++i)
-    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; ++i)
-    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0xDD));
-  for (int i = 0; i < 2; ++i)
-    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(t[2 * i], t[2 * i + 1]), _mm512_unpackhi_ps(t[2 * i], t[2 * i + 1]));
-  __m512d a = _mm512_castps_pd(w[0]), b = _mm512_castps_pd(w[1]);
-  __m512 r = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  return _mm512_permutexvar_ps(order, r);
-}
 
 // out[r * C + c] = dot(g[r], q[c]) over D for R gallery rows x C queries; lanes past R * C are 0.
 // Per 16 elements of D: R gallery loads (converted once, used C times), C query loads (used R
