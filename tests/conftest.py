@@ -4,6 +4,7 @@ import os
 # Triton kernels run on CPU through the interpreter; it must be set before kernels are imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests import torchvision_shim  # noqa: E402,F401  (open_clip imports torchvision)
@@ -19,3 +20,13 @@ except ImportError:
     pass
 torch.set_grad_enabled(_grad)
 torch.set_num_threads(_threads)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny models lose more to thread hand-offs than they gain on
+    a busy 2-vCPU machine. Folders of tiny-model tests use it autouse in their conftest."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
