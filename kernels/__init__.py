@@ -473,7 +473,22 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, check_lengths=
     q, k, v = _unit_d(q), _unit_d(k_cache), _unit_d(v_cache)
     if backend == "triton":
         return _triton("decode_attention").decode_attention(q, k, v, lengths, scale)
+    if torch.compiler.is_compiling():  # the numpy views below would break torch.compile's graph
+        return torch.ops.mmfast.decode_attention(q, k, v, lengths, scale)
     return _decode_attention_cpu(q, k, v, lengths, scale)
+
+
+# The C++ kernel as a torch.library op, for torch.compile only: one node in the graph instead of a
+# graph break at every call (eager calls skip the op's dispatch overhead and call the kernel directly).
+@torch.library.custom_op("mmfast::decode_attention", mutates_args=(), device_types="cpu")
+def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    return _decode_attention_cpu(_unit_d(q), _unit_d(k_cache), _unit_d(v_cache), lengths, scale)
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, lengths, scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 # ---- group norm + SiLU (fused; fp32 statistics, 16-bit or fp32 storage) ---------------------------

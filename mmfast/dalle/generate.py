@@ -44,15 +44,26 @@ def _device(device) -> torch.device:
     return torch.device(device)
 
 
-def _dtype(dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if dtype == "auto":  # bf16 on GPUs: fp16's range is tight for mega's GLU; logits stay fp32 anyway
-        cuda = device.type == "cuda"
-        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; use 'auto', 'fp32', 'bf16' or 'fp16'")
-    return _DTYPES[dtype]
+def _mode(dtype, device: torch.device) -> tuple[str, torch.dtype]:
+    """(mode name, dtype of activations and caches). On the CPU, "fp32" / "fp16" / "int8" name the
+    format the step streams its weights in (`DalleDecoder.pack_weights`), activations stay fp32;
+    "bf16" is bf16 throughout (fp32 logits), as on a GPU."""
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    if isinstance(dtype, torch.dtype) and dtype in names:
+        dtype = names[dtype]
+    if dtype == "auto":
+        if device.type == "cuda":  # bf16: fp16's range is tight for mega's GLU; logits stay fp32 anyway
+            return ("bf16", torch.bfloat16) if torch.cuda.is_bf16_supported() else ("fp16", torch.float16)
+        # CPU: the fastest mode whose greedy tokens equal fp32's on the test models, which only fp32
+        # (its GEMMs on fp16 pairs) does; fp16 / int8 / bf16 are faster and change a few tokens
+        # (benchmarks/suites/dalle.py measures both).
+        return "fp32", torch.float32
+    if dtype == "int8" and device.type != "cpu":
+        raise ValueError("dtype='int8' (int8 decoder weights) is a CPU mode; use 'bf16' or 'fp16' on a GPU")
+    if dtype not in _DTYPES and dtype != "int8":
+        raise ValueError(f"dtype={dtype!r} is not supported; use 'auto', 'fp32', 'bf16', 'fp16' or 'int8' (CPU)")
+    name = names.get(_DTYPES.get(dtype), dtype)
+    return name, (torch.float32 if device.type == "cpu" and name in ("fp16", "int8") else _DTYPES[name])
 
 
 def _check_number(name, value, ok, rule, integer=False):
@@ -115,9 +126,11 @@ class Generator:
         self.backend, self.info = "torch", {}  # backend="auto" says per part what it chose and why
         self.config = decoder.cfg
         self.device = _device(device)
-        self.dtype = _dtype(dtype, self.device)
+        self.mode, self.dtype = _mode(dtype, self.device)  # e.g. ("int8", float32 activations)
         self.encoder = encoder.eval().requires_grad_(False).to(self.device, self.dtype)
         self.decoder = decoder.eval().requires_grad_(False).to(self.device).cast(self.dtype)
+        if self.device.type == "cpu":  # in place, like .to / .cast: the step's weights as the mode streams them
+            self.decoder.pack_weights(None if self.mode == "bf16" else self.mode)
         self.tokenizer = tokenizer
         self.detoker_path = detoker_path
         self.vq = None  # the VQGAN (mmfast.VQ) that turns tokens into pixels; see attach_vq
@@ -303,7 +316,9 @@ def load_generator(path, *, variant: str | None = None, device="auto", dtype="au
         (`encoder.pt`, `decoder.pt`, `vocab.json`, `merges.txt`).
     variant : "mini" or "mega" when the models_root holds both.
     device : "auto" (CUDA when available) | "cpu" | "cuda" | torch.device.
-    dtype : "auto" (fp32 on CPU, bf16 on CUDA) | "fp32" | "bf16" | "fp16"; logits are fp32 always.
+    dtype : "auto" (fp32 on CPU, bf16 on CUDA) | "fp32" | "bf16" | "fp16" | "int8" (CPU); logits are
+        fp32 always. On the CPU, "fp16" and "int8" are weight-only (fp32 activations and caches):
+        faster, and a few greedy tokens differ from fp32's (`benchmarks/suites/dalle.py`).
     vqgan : "auto" (min-dalle's `vqgan/detoker.pt` beside the checkpoint, if any), a path for
         `mmfast.load_vq`, a loaded `mmfast.VQ`, or None (tokens only).
     backend : "torch" | "onnxruntime" | "auto". "onnxruntime" exports the text encoder and the decode

@@ -12,7 +12,10 @@ compute what min-dalle's do; the decoder is driven differently:
 - `DalleDecoder.step` is a function of tensors (no `.item()`, no Python branch on values), so the
   loop around it can be compiled, CUDA-graph captured or exported;
 - final LayerNorm and logits are fp32 whatever the model dtype (`cast`): guidance multiplies
-  logit differences by ~16, which bf16 logits cannot carry.
+  logit differences by ~16, which bf16 logits cannot carry;
+- on the CPU a step is bound by streaming every weight once (R = 2-16 rows against ~193M weights
+  at mini size), so `pack_weights` swaps the per-step linears for the formats of
+  `mmfast.quantize` (fp32 as fp16 pairs, fp16 or int8 weights) whose GEMMs stream them faster.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..quantize import pack_weight
 from .config import DalleConfig
 
 
@@ -34,10 +38,12 @@ class GLU(nn.Module):
         self.fc0 = nn.Linear(width, hidden, bias=False)
         self.fc1 = nn.Linear(width, hidden, bias=False)
         self.fc2 = nn.Linear(hidden, width, bias=False)
+        self.fc01 = None  # fc0 and fc1 as one GEMM of 2 * hidden outputs, once `pack_weights` fuses them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ln0(x)
-        return self.fc2(self.ln1(F.gelu(self.fc0(x)) * self.fc1(x)))
+        a, b = self.fc01(x).chunk(2, -1) if self.fc01 is not None else (self.fc0(x), self.fc1(x))
+        return self.fc2(self.ln1(F.gelu(a) * b))
 
 
 class Attention(nn.Module):
@@ -50,9 +56,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(width, width, bias=False)
         self.q_proj = nn.Linear(width, width, bias=False)
         self.out_proj = nn.Linear(width, width, bias=False)
+        self.qkv_proj = None  # q, k, v as one GEMM of 3 * width outputs, once `pack_weights` fuses them
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, -1)).transpose(-3, -2)  # (..., T, W) -> (..., H, T, Dh)
+
+    def qkv(self, x: torch.Tensor):
+        """(q, k, v) projections of x (..., W), each (..., W)."""
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x).chunk(3, -1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         # x: (N, T, W); key_mask: (N, T) bool, False for padding. Self-attention over the text.
@@ -113,7 +126,7 @@ class DecoderLayer(nn.Module):
         # cross_k/v: (R, H, text_tokens, Dh) with cross_len (R,) valid positions in front.
         sa, ca = self.self_attn, self.encoder_attn
         h = self.pre_self_attn_layer_norm(x)
-        q, k, v = (sa.split(p(h)[:, None]) for p in (sa.q_proj, sa.k_proj, sa.v_proj))  # (R, H, 1, Dh)
+        q, k, v = (sa.split(t[:, None]) for t in sa.qkv(h))  # (R, H, 1, Dh)
         k_cache.index_copy_(2, pos.view(1), k)  # write this position: no allocation, no host sync
         v_cache.index_copy_(2, pos.view(1), v)
         lengths = (pos + 1).expand(x.shape[0])  # (R,): positions 0..pos are written
@@ -144,6 +157,36 @@ class DalleDecoder(nn.Module):
         self.to(dtype)
         self.final_ln.float()
         self.lm_head.float()
+        return self
+
+    # The linears a step reads, besides the fused q/k/v and fc0/fc1. The cross-attention k / v
+    # projections run once per prompt (`cross_kv`, hundreds of rows: compute-bound) and stay.
+    STEP_LINEARS = ("self_attn.out_proj", "encoder_attn.q_proj", "encoder_attn.out_proj", "glu.fc2")
+
+    def pack_weights(self, fmt: str | None, head: str = "fp32") -> "DalleDecoder":
+        """CPU only: the step linears to weight format `fmt` (None: leave them), lm_head's sampled rows to `head`.
+
+        Formats are `mmfast.quantize.pack_weight`'s: "fp32" (fp32 results, fp16-pair storage),
+        "fp16" (fp16 weights, fp32 activations) or "int8" (int8 weights, per output channel).
+        Self-attention's q/k/v and the GLU's fc0/fc1 are fused into one GEMM each (fewer calls:
+        measured 0-15% off a step). Activations, caches, LayerNorms and the logits keep their dtype.
+        Irreversible: the original nn.Linear modules are dropped.
+
+        Example
+        -------
+        >>> decoder.pack_weights("int8")                 # then decoder.step(...) as before
+        """
+        for layer in self.layers if fmt is not None else ():
+            sa, glu = layer.self_attn, layer.glu
+            sa.qkv_proj = pack_weight(torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight]), fmt)
+            glu.fc01 = pack_weight(torch.cat([glu.fc0.weight, glu.fc1.weight]), fmt)
+            del sa.q_proj, sa.k_proj, sa.v_proj, glu.fc0, glu.fc1
+            for name in self.STEP_LINEARS:
+                parent, attr = name.split(".")
+                owner = getattr(layer, parent)
+                setattr(owner, attr, pack_weight(getattr(owner, attr), fmt))
+        if isinstance(self.lm_head, nn.Linear):  # only the sampled rows: mega's extra 31 are never read
+            self.lm_head = pack_weight(self.lm_head.weight[: self.cfg.codebook_size].float(), head)
         return self
 
     @property
@@ -210,5 +253,7 @@ class DalleDecoder(nn.Module):
             x = layer.step(x, pos, k_cache[i], v_cache[i], cross_k[i], cross_v[i], cross_len)
         ln = self.final_ln  # fp32 after `cast`; .float() is then free
         x = F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
+        if not isinstance(self.lm_head, nn.Linear):  # packed by `pack_weights`: the sampled rows only
+            return self.lm_head(x)
         # Only the sampled rows of lm_head are read: mega's extra logits are never used.
         return F.linear(x, self.lm_head.weight[: self.cfg.codebook_size].float())
