@@ -18,6 +18,9 @@ Size: taming's ImageNet f16-16384 (ch 128, ch_mult 1,1,2,2,4, 2 res blocks, atte
   measured in a fresh subprocess per provider (/proc/self/clear_refs resets the high-water mark).
 - decode again, last (the setting cannot be undone): glibc told never to mmap / trim, so freed
   activations are reused instead of page-faulted in fresh ("malloc=keep-freed"), every provider.
+Rows name OMP_WAIT_POLICY (torch's OpenMP threads spin before they sleep by default; with another
+busy process on a 2-vCPU machine that is what dominates two-thread times): run the suite under
+`OMP_WAIT_POLICY=PASSIVE` to see the other side.
 GFLOP/s use taming's nominal FLOP count (conv + matmul multiply-adds x 2) for every provider, so
 they compare time; mmfast's folded upsample does 16/36 of those convs' work.
 Random weights: the bf16 PSNR on trained weights differs (the runtime probes it at load time).
@@ -172,7 +175,17 @@ def _decode_case(t, fast, detok, ids, tag=""):
                                       name, quality))
     return Case("vqgan.decode", f"f16-16384 B={B} {grid * 16}x{grid * 16}{tag}", providers,
                 baseline="taming Decoder fp32", items=B, flops=flops,
-                extra={"default_dtype": str(default).removeprefix("torch.")})
+                extra={"default_dtype": str(default).removeprefix("torch."), **_omp()})
+
+
+def _omp() -> dict:
+    """How torch's OpenMP threads wait (read once at start-up: spinning threads hurt on a busy machine)."""
+    return {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (spin, then sleep)")}
+
+
+def _wanted(args, op: str) -> bool:
+    """run.py's --only filter, applied before a case's inputs and peers are built."""
+    return not getattr(args, "only", "") or args.only in op
 
 
 def _keep_freed_memory() -> bool:
@@ -189,7 +202,6 @@ def _keep_freed_memory() -> bool:
 
 def cases(args):
     grid = 4 if args.quick else 16
-    side = grid * 16
     t = _taming()
     state = {k: v for k, v in t.state_dict().items()}
     fast = {torch.float32: _mmfast(state, torch.float32), torch.bfloat16: _mmfast(state, torch.bfloat16)}
@@ -197,19 +209,30 @@ def cases(args):
     g = torch.Generator().manual_seed(0)
     decode_ids = {B: torch.randint(0, N_EMBED, (B, grid, grid), generator=g) for B in (1, 4)}
     for ids in decode_ids.values():
-        yield _decode_case(t, fast, detok, ids)
+        if _wanted(args, "vqgan.decode"):
+            yield _decode_case(t, fast, detok, ids)
 
     # ---- encode ----------------------------------------------------------------------------------
-    B = 2 if args.quick else 16
-    chunks = (2, 1) if args.quick else ENCODE_CHUNKS
+    if _wanted(args, "vqgan.encode"):
+        yield _encode_case(t, fast[torch.float32], grid, g, args.quick)
+
+    # ---- decode again with freed memory kept (glibc mallopt), for every provider -------------------
+    if _wanted(args, "vqgan.decode") and _keep_freed_memory():
+        for ids in decode_ids.values():
+            yield _decode_case(t, fast, detok, ids, tag=" malloc=keep-freed")
+
+
+def _encode_case(t, m32, grid, g, quick):
+    side = grid * 16
+    B = 2 if quick else 16
+    chunks = (2, 1) if quick else ENCODE_CHUNKS
     x = torch.rand(B, 3, side, side, generator=g) * 2 - 1
     with torch.inference_mode():
         want_ids = _taming_encode(t, x)
-    m32 = fast[torch.float32]
     M = B * grid * grid
     flops = _nominal_flops(t.encoder, x[:1], batch=B) + 2.0 * M * 256 * EMBED_DIM \
         + 2.0 * M * N_EMBED * EMBED_DIM                       # quant_conv, the distances to every code
-    peaks = {name: _peak_mb("encode", name, B, args.quick) for name in
+    peaks = {name: _peak_mb("encode", name, B, quick) for name in
              ["taming"] + [f"mmfast chunk={c}" for c in chunks]}
 
     def mem(name):
@@ -224,15 +247,10 @@ def cases(args):
         providers.append(Provider(f"mmfast fp32 micro-batch {c}" if c < B else "mmfast fp32",
                                   _no_grad(lambda c=c: _mmfast_encode(m32, x, c)), "fp32",
                                   {"tokens_equal": round(same, 5), **mem(f"mmfast chunk={c}")}))
-    yield Case("vqgan.encode", f"f16-16384 B={B} {side}x{side}", providers,
-               baseline="taming Encoder+quant_conv+VectorQuantizer fp32", items=B, flops=flops,
-               extra={"peak_note": "one call's peak RSS over the RSS before it, first call in a fresh process"})
-    del x
-
-    # ---- decode again with freed memory kept (glibc mallopt), for every provider -------------------
-    if _keep_freed_memory():
-        for ids in decode_ids.values():
-            yield _decode_case(t, fast, detok, ids, tag=" malloc=keep-freed")
+    return Case("vqgan.encode", f"f16-16384 B={B} {side}x{side}", providers,
+                baseline="taming Encoder+quant_conv+VectorQuantizer fp32", items=B, flops=flops,
+                extra={"peak_note": "one call's peak RSS over the RSS before it, first call in a fresh process",
+                       **_omp()})
 
 
 # ---- peak memory: one provider per fresh process -------------------------------------------------
