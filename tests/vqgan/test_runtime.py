@@ -73,7 +73,8 @@ def test_decode_embed_and_pil(vq):
     px = vq.decode_pixels(tokens)
     assert px.shape == (3, 3, 20, 28) and 0 <= px.min() and px.max() <= 1
     assert torch.equal(images, px.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1))
-    assert torch.equal(vq.decode(tokens, batch_size=2), images)
+    # oneDNN sums convolutions in a batch-size-dependent order (~3e-6): a uint8 pixel may round apart by 1
+    assert (vq.decode(tokens, batch_size=2).int() - images.int()).abs().max() <= 1
     assert torch.equal(vq.decode(tokens.reshape(3, 35)[:, :25]), vq.decode(tokens.reshape(3, 35)[:, :25].reshape(3, 5, 5)))
     assert torch.equal(vq.decode(tokens.numpy()), images)                 # numpy in
     emb = vq.embed(tokens)
