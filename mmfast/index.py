@@ -18,6 +18,7 @@ rows into an ordinary buffer.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -29,10 +30,19 @@ from mmfast import kernels
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 _FORMAT = "mmfast.SimilarityIndex/1"
 _PRE_NAMES = ("prefilter_codes", "prefilter_scale", "prefilter_err")
+_MAX_ID = 2 ** 63 - 1
+
+
+def _file_path(path, fn: str) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{fn}: path must be a str or os.PathLike, got {type(path).__name__}")
+    return os.fspath(path)
 
 
 def _as_matrix(x, name: str, dim: int) -> torch.Tensor:
     if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "fiub":  # object, string, complex, ... arrays: torch refuses them with its own words
+            raise TypeError(f"{name} must be floating point (e.g. CLIP embeddings), got a numpy {x.dtype} array")
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
@@ -122,10 +132,15 @@ class SimilarityIndex:
         x = _as_matrix(vectors, "vectors", self.dim)
         n = x.shape[0]
         if ids is not None:
-            ids = torch.as_tensor(ids)
-            if ids.shape != (n,) or ids.is_floating_point() or ids.dtype == torch.bool:
+            try:
+                ids = torch.as_tensor(ids)
+            except (TypeError, ValueError, RuntimeError) as e:  # strings, ragged lists, ints past int64
+                raise ValueError(f"ids must be {n} integers (one per vector), got {type(ids).__name__}: {e}") from None
+            if ids.shape != (n,) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
                 raise ValueError(f"ids must be {n} integers (one per vector), got {ids.dtype} of shape "
                                  f"{tuple(ids.shape)}")
+            if ids.dtype == torch.uint64 and n and int(ids.cpu().numpy().max()) > _MAX_ID:  # would wrap in int64
+                raise ValueError(f"ids must fit in int64, got {int(ids.cpu().numpy().max())}")
             ids = ids.to(self.device, torch.int64)
         if n == 0:
             return
@@ -134,6 +149,9 @@ class SimilarityIndex:
         with self._lock:
             start = self._n
             if ids is None:
+                if self._next_id + n - 1 > _MAX_ID:
+                    raise ValueError(f"ids: the index already holds id {self._next_id - 1}, so {n} more consecutive "
+                                     "ids would pass 2**63 - 1; pass ids= explicitly")
                 ids = torch.arange(self._next_id, self._next_id + n, device=self.device)
             if start + n > self._vectors.shape[0] or not self._owned:
                 self._grow(start + n)
@@ -208,9 +226,21 @@ class SimilarityIndex:
             meta["prefilter"] = self.prefilter
             for name, t in zip(_PRE_NAMES, pre):
                 tensors[name] = t[:n].cpu().contiguous()
-        tmp = f"{os.fspath(path)}.tmp-{os.getpid()}-{threading.get_ident()}"
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        path = _file_path(path, "save")
+        if os.path.isdir(path):
+            raise ValueError(f"save: '{path}' is a directory; pass a file path such as "
+                             f"'{os.path.join(path, 'index.safetensors')}'")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"save: the folder of '{path}' ('{folder}') does not exist; create it first")
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:  # never leave the temporary file behind
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
 
     @classmethod
     def load(cls, path, mmap: bool = True, *, device="cpu") -> "SimilarityIndex":
@@ -218,30 +248,49 @@ class SimilarityIndex:
         mmap=False reads it into memory now."""
         from safetensors import safe_open
 
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not an mmfast SimilarityIndex file (metadata format="
-                                 f"{meta.get('format')!r}, expected {_FORMAT!r})")
+        path = _file_path(path, "load")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"SimilarityIndex file not found: '{path}'")
+        if os.path.isdir(path):
+            raise ValueError(f"'{path}' is a directory; pass the index file written by save()")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                t = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: the file is corrupt
+            raise ValueError(f"'{path}' is not a readable SimilarityIndex file (corrupt or another format): "
+                             f"{type(e).__name__}: {e}") from e
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not an mmfast SimilarityIndex file (metadata format="
+                             f"{meta.get('format')!r}, expected {_FORMAT!r})")
+        try:
             index = cls(int(meta["dim"]), meta["dtype"], prefilter=meta.get("prefilter"), device=device)
-            t = {name: f.get_tensor(name) for name in f.keys()}
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path}: bad SimilarityIndex metadata {meta}: {e}") from None
         want = {"vectors", "ids"} | ({"scale"} if index.dtype == "int8" else set()) | \
             (set(_PRE_NAMES) if index.prefilter else set())
         if set(t) != want:
             raise ValueError(f"{path}: expected tensors {sorted(want)}, found {sorted(t)}")
-        n = t["ids"].shape[0]
+        n = t["ids"].shape[0] if t["ids"].dim() == 1 else -1
+        if n < 0 or t["ids"].dtype != torch.int64:
+            raise ValueError(f"{path}: 'ids' is {t['ids'].dtype} {tuple(t['ids'].shape)}, expected int64 [n]")
         if t["vectors"].shape != (n, index.dim) or t["vectors"].dtype != _DTYPES[index.dtype]:
             raise ValueError(f"{path}: 'vectors' is {t['vectors'].dtype} {tuple(t['vectors'].shape)}, "
                              f"expected {_DTYPES[index.dtype]} ({n}, {index.dim})")
+        extra = [("scale", torch.float32, (n,))] if index.dtype == "int8" else []
+        if index.prefilter:
+            extra += [("prefilter_codes", torch.int8, (n, index.dim)), ("prefilter_scale", torch.float32, (n,)),
+                      ("prefilter_err", torch.float32, (n,))]
+        for name, dtype, shape in extra:
+            if t[name].dtype != dtype or tuple(t[name].shape) != shape:
+                raise ValueError(f"{path}: '{name}' is {t[name].dtype} {tuple(t[name].shape)}, expected "
+                                 f"{dtype} {shape}")
         keep = (lambda x: x) if mmap and index.device.type == "cpu" else (lambda x: x.to(index.device).clone())
         index._vectors, index._ids = keep(t["vectors"]), keep(t["ids"])
         if index.dtype == "int8":
             index._scale = keep(t["scale"])
         if index.prefilter:
             index._pre = tuple(keep(t[name]) for name in _PRE_NAMES)
-            codes, cs, ce = index._pre
-            if codes.shape != (n, index.dim) or cs.shape != (n,) or ce.shape != (n,):
-                raise ValueError(f"{path}: the prefilter tensors do not match the {n} x {index.dim} vectors")
         index._n = n
         index._next_id = int(index._ids.max()) + 1 if n else 0
         index._owned = not (mmap and index.device.type == "cpu")

@@ -1,0 +1,73 @@
+"""Regression tests for the bugs the fuzzers found: each one a plain, fast test.
+
+SimilarityIndex's files and ids came first (issue 10's quick probe, then the fuzzers):
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mmfast import SimilarityIndex
+
+
+@pytest.fixture
+def index():
+    return SimilarityIndex(torch.randn(5, 8, generator=torch.Generator().manual_seed(0)))
+
+
+def test_index_save_to_a_directory_is_refused_and_leaves_no_temp_file(index, tmp_path):
+    with pytest.raises(ValueError, match=f"save: '{tmp_path}' is a directory"):
+        index.save(tmp_path)
+    assert os.listdir(tmp_path) == [] and not [p for p in os.listdir(tmp_path.parent) if ".tmp-" in p]
+
+
+def test_index_save_into_a_missing_folder_names_it(index, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.* does not exist"):
+        index.save(tmp_path / "nope" / "x.safetensors")
+    with pytest.raises(TypeError, match="save: path must be"):
+        index.save(3)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 20, b"\xff" * 8 + b"{}", b"garbage that is not safetensors"])
+def test_index_load_of_garbage_names_the_file(tmp_path, content):
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="garbage.safetensors"):
+        SimilarityIndex.load(path)
+
+
+def test_index_load_of_missing_paths_and_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing"):
+        SimilarityIndex.load(tmp_path / "missing")
+    with pytest.raises(ValueError, match="is a directory"):
+        SimilarityIndex.load(tmp_path)
+
+
+def test_index_load_checks_metadata_and_tensor_dtypes(index, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "i.safetensors"
+    base = {"vectors": torch.zeros(2, 4, dtype=torch.float16), "ids": torch.arange(2)}
+    meta = {"format": "mmfast.SimilarityIndex/1", "dim": "4", "dtype": "fp16"}
+    for tensors, bad_meta, match in [
+            (base, {**meta, "dim": "four"}, "bad SimilarityIndex metadata"),
+            (base, {**meta, "dtype": "fp64"}, "bad SimilarityIndex metadata"),
+            ({**base, "ids": torch.arange(2.0)}, meta, "'ids' is torch.float32"),
+            ({**base, "ids": torch.zeros(2, 1, dtype=torch.int64)}, meta, "'ids' is torch.int64 \\(2, 1\\)")]:
+        save_file(tensors, path, metadata=bad_meta)
+        with pytest.raises(ValueError, match=match):
+            SimilarityIndex.load(path)
+
+
+def test_index_ids_past_int64_are_refused(index):
+    index.add(torch.randn(1, 8), ids=[2 ** 63 - 1])
+    with pytest.raises(ValueError, match="ids: .* would pass 2\\*\\*63 - 1"):
+        index.add(torch.randn(1, 8))                       # consecutive ids would overflow int64
+    with pytest.raises(ValueError, match="ids must fit in int64"):
+        index.add(torch.randn(1, 8), ids=np.array([2 ** 64 - 1], dtype=np.uint64))  # would wrap to -1
+    with pytest.raises(ValueError, match="ids must be 1 integers"):
+        index.add(torch.randn(1, 8), ids=["a"])
+    with pytest.raises(TypeError, match="vectors must be floating point"):
+        index.add(np.array([["x"] * 8], dtype=object))
+    assert len(index) == 6
