@@ -18,18 +18,22 @@ rows into an ordinary buffer.
 """
 from __future__ import annotations
 
-import contextlib
+import json
 import os
+import struct
 import threading
 
 import numpy as np
 import torch
 
 from mmfast import kernels
+from mmfast._atomic import atomic_write
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 _FORMAT = "mmfast.SimilarityIndex/1"
 _PRE_NAMES = ("prefilter_codes", "prefilter_scale", "prefilter_err")
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
+              torch.int64: "I64"}
 _MAX_ID = 2 ** 63 - 1
 
 
@@ -37,6 +41,24 @@ def _file_path(path, fn: str) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{fn}: path must be a str or os.PathLike, got {type(path).__name__}")
     return os.fspath(path)
+
+
+def _write_safetensors(f, tensors: dict, meta: dict) -> None:
+    """The safetensors layout (8-byte header size, JSON header padded to 8, raw little-endian data)
+    streamed into `f` from the tensors themselves: no serialized copy of the gallery in memory."""
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))  # keeps every tensor aligned
+    header, offset = {"__metadata__": meta}, 0
+    for k in order:
+        t = tensors[k]
+        end = offset + t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    f.write(struct.pack("<Q", len(head)) + head)
+    for k in order:
+        if tensors[k].numel():
+            f.write(tensors[k].reshape(-1).view(torch.uint8).numpy())
 
 
 def _as_matrix(x, name: str, dim: int) -> torch.Tensor:
@@ -213,9 +235,9 @@ class SimilarityIndex:
 
     # ---- files ---------------------------------------------------------------------------------
     def save(self, path) -> None:
-        """Write a safetensors file (atomically: a temporary file renamed over `path`)."""
-        from safetensors.torch import save_file
-
+        """Write a safetensors file, atomically (`mmfast._atomic.atomic_write`): `path` holds its old
+        contents or the whole new index, even if the process is killed mid-save, and no temporary file
+        is left. Safe while other threads `add` / `search`: it writes the snapshot taken as it starts."""
         with self._lock:
             n, vectors, scale, ids, pre = self._n, self._vectors, self._scale, self._ids, self._pre
         tensors = {"vectors": vectors[:n].cpu().contiguous(), "ids": ids[:n].cpu().contiguous()}
@@ -233,14 +255,7 @@ class SimilarityIndex:
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"save: the folder of '{path}' ('{folder}') does not exist; create it first")
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:  # never leave the temporary file behind
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+        atomic_write(path, lambda f: _write_safetensors(f, tensors, meta))
 
     @classmethod
     def load(cls, path, mmap: bool = True, *, device="cpu") -> "SimilarityIndex":
