@@ -545,7 +545,9 @@ def group_norm_silu(x, weight, bias, *, groups=32, eps=1e-6, silu=True, out_dtyp
     if backend_for(x) != "cpu" or x.dtype not in _GN_KINDS or out_dtype not in _GN_KINDS or \
             not (cl or x.is_contiguous()) or (torch.is_grad_enabled() and x.requires_grad):
         y = ref.group_norm_silu_ref(x, weight, bias, groups=groups, eps=eps, silu=silu, out_dtype=out_dtype)
-        return x.copy_(y) if inplace else y
+        # under autograd, group_norm's backward reads x: writing into it would break training
+        # (tools/train_demo.py trains mmfast's VQGAN), so a differentiable call returns a new tensor
+        return x.copy_(y) if inplace and not (torch.is_grad_enabled() and x.requires_grad) else y
     out = x if inplace else torch.empty(x.shape, dtype=out_dtype, device=x.device,
                                         memory_format=torch.channels_last if cl else torch.contiguous_format)
 

@@ -1,0 +1,540 @@
+"""Train mmfast's built-in demo models on this CPU: a tiny CLIP, VQGAN and DALL·E-style generator.
+
+    python tools/train_demo.py                       # ~25 min on 2 vCPUs -> mmfast/demo/weights
+    python tools/train_demo.py --out /tmp/demo       # anywhere else
+    python tools/train_demo.py --smoke --out /tmp/s  # seconds: every stage, a few steps (tests)
+
+Data: `mmfast.demo.data` (coloured shapes, English and Russian captions), drawn fresh every step
+from seeds, never the held-out (colour, shape, position) triples. The models are mmfast's own
+classes; the files are the layouts the ordinary loaders read:
+
+- clip/: a Hugging Face CLIPModel folder (config.json, model.safetensors) with a byte-level BPE
+  tokenizer trained here on the captions of both languages (vocab.json, merges.txt);
+- vq/: taming names (model.safetensors) with a taming model.yaml; f8, 4 x 4 tokens per image;
+- generator/: min-dalle's folder (encoder / decoder as safetensors, BART-style vocab.json and
+  merges.txt) with config.json for what the shapes cannot say (codebook, start token, heads) and
+  "vqgan": "../vq".
+
+Losses: CLIP's symmetric contrastive loss with every matching caption a positive (captions name a
+subset of the attributes); the VQGAN's L2 + L1 reconstruction and commitment, EMA codebook with
+dead-code restarts (no perceptual or adversarial term); the generator's next-token cross-entropy,
+teacher-forced, with 15% of prompts dropped to the unconditioned row (guidance). Every stage is
+seeded, threads fixed (2), so a rerun reproduces the metrics. A loss log goes to train_log.jsonl,
+the metrics of the saved files (loaded back through the loaders) to metrics.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from mmfast.clip.config import ClipConfig, ClipTextConfig, ClipVisionConfig  # noqa: E402
+from mmfast.clip.model import CLIP  # noqa: E402
+from mmfast.clip.tokenizer import ClipTokenizer  # noqa: E402
+from mmfast.dalle.config import DalleConfig  # noqa: E402
+from mmfast.dalle.model import DalleDecoder, DalleEncoder  # noqa: E402
+from mmfast.dalle.tokenizer import DalleTokenizer  # noqa: E402
+from mmfast.demo import data  # noqa: E402
+from mmfast.preprocess import OPENAI_MEAN, OPENAI_STD  # noqa: E402
+from mmfast.vqgan.config import VQConfig  # noqa: E402
+from mmfast.vqgan.model import VQGAN  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Steps and batch sizes per stage (the architectures are fixed: see the build_* functions)."""
+    clip_steps: int = 3000
+    clip_batch: int = 128
+    clip_lr: float = 2e-3
+    vq_steps: int = 4000
+    vq_batch: int = 64
+    vq_lr: float = 2e-3
+    gen_steps: int = 3000
+    gen_batch: int = 128
+    gen_lr: float = 2e-3
+    gen_pool: int = 16384      # training scenes tokenized once by the trained VQGAN
+
+
+SMOKE = Plan(clip_steps=3, clip_batch=16, vq_steps=3, vq_batch=8, gen_steps=3, gen_batch=16, gen_pool=64)
+
+
+class Log:
+    """One JSON line per logged step: {"stage", "step", "loss", ...}."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "w", encoding="utf-8")
+
+    def __call__(self, **row) -> None:
+        self.f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
+        self.f.flush()
+
+
+def _schedule(step: int, steps: int, lr: float, warmup: int = 100) -> float:
+    warm = min(warmup, max(1, steps // 10))
+    if step < warm:
+        return lr * (step + 1) / warm
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def _optimizer(model: torch.nn.Module, lr: float, wd: float = 0.01) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98))
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+# ---- CLIP ------------------------------------------------------------------------------------------
+_SOT, _EOT = "<|startoftext|>", "<|endoftext|>"
+CLIP_CONTEXT = 32
+
+
+def build_clip_tokenizer(out: Path) -> ClipTokenizer:
+    """A byte-level BPE in CLIP's format (`</w>` word ends, the same pre-tokenizer as transformers'
+    CLIPTokenizer), its merges learned on both languages' captions until every word is one token."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+
+    from mmfast.clip.tokenizer import _HF_SPLIT, _bytes_to_unicode
+
+    tok = Tokenizer(BPE(end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_HF_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    trainer = BpeTrainer(vocab_size=4000, min_frequency=1, show_progress=False, end_of_word_suffix="</w>",
+                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(data.corpus("en") + data.corpus("ru"), trainer)
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    chars = _bytes_to_unicode()  # CLIP's order: bytes, bytes + </w>, merges, then the two specials
+    tokens = chars + [c + "</w>" for c in chars]
+    tokens += [t for t in dict.fromkeys("".join(m) for m in merges) if t not in set(tokens)]
+    vocab = {t: i for i, t in enumerate(tokens + [_SOT, _EOT])}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": CLIP_CONTEXT, "bos_token": _SOT,
+        "eos_token": _EOT, "pad_token": _EOT, "unk_token": _EOT, "do_lower_case": True}, indent=1))
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": _SOT, "eos_token": _EOT, "pad_token": _EOT, "unk_token": _EOT}, indent=1))
+    tokenizer = ClipTokenizer.from_hf_dir(out)
+    ids = tokenizer(data.corpus("en")[:500] + data.corpus("ru")[:500])
+    body = ids[:, 1:][ids[:, 1:] != tokenizer.eot_id]
+    assert (ids == tokenizer.eot_id).any(1).all() and not (body == tokenizer.sot_id).any(), "caption overflow"
+    return tokenizer
+
+
+def build_clip(vocab_size: int, eot_id: int) -> CLIP:
+    cfg = ClipConfig(
+        embed_dim=64,
+        vision=ClipVisionConfig(image_size=data.SIZE, patch_size=4, width=96, layers=3, heads=3, mlp_dim=384),
+        text=ClipTextConfig(context_length=CLIP_CONTEXT, vocab_size=vocab_size, width=96, layers=2, heads=3,
+                            mlp_dim=384, pool="eos", eos_token_id=eot_id),
+        act="gelu")
+    model = CLIP(cfg)
+    # CLIP's init: small embeddings, learnable temperature starting at 1 / 0.07
+    torch.nn.init.normal_(model.token_embedding.weight, std=0.02)
+    torch.nn.init.normal_(model.positional_embedding, std=0.01)
+    torch.nn.init.normal_(model.visual.positional_embedding, std=0.01)
+    torch.nn.init.normal_(model.visual.class_embedding, std=0.02)
+    torch.nn.init.normal_(model.visual.proj, std=cfg.vision.width ** -0.5)
+    torch.nn.init.normal_(model.text_projection, std=cfg.text.width ** -0.5)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1 / 0.07))
+    return model
+
+
+def _clip_pixels(images: torch.Tensor) -> torch.Tensor:
+    # uint8 [N, S, S, 3] -> normalised [N, 3, S, S], as ImagePreprocessor does
+    mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+
+def _positives(s: data.Scenes, mentions) -> torch.Tensor:
+    """[N_images, N_captions] bool: image i fits caption j (every attribute the caption names)."""
+    m = torch.from_numpy(mentions)
+    fit = (s.colour[:, None] == s.colour[None]) & (s.shape[:, None] == s.shape[None])
+    for k, attr in enumerate((s.position, s.size, s.background)):
+        fit &= (attr[:, None] == attr[None]) | ~m[None, :, k]
+    return fit
+
+
+def train_clip(out: Path, plan: Plan, log: Log, seed: int) -> None:
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(out)
+    model = build_clip(tokenizer.vocab_size, tokenizer.eot_id).train()
+    opt = _optimizer(model, plan.clip_lr, wd=0.05)
+    bar = tqdm(range(plan.clip_steps), desc="clip", mininterval=2)
+    for step in bar:
+        s = data.sample(plan.clip_batch, seed=seed * 1_000_003 + step)
+        text, mentions = data.captions(s, "mix", seed=seed * 1_000_003 + step, return_mentions=True)
+        img = F.normalize(model.encode_image(_clip_pixels(s.images)), dim=-1)
+        txt = F.normalize(model.encode_text(tokenizer(text)), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.t()              # (N_img, N_txt)
+        pos = _positives(s, mentions).float()
+        loss = 0.5 * (torch.sum(-pos / pos.sum(1, keepdim=True) * logits.log_softmax(1), 1).mean()
+                      + torch.sum(-pos / pos.sum(0, keepdim=True) * logits.log_softmax(0), 0).mean())
+        _set_lr(opt, _schedule(step, plan.clip_steps, plan.clip_lr))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 25 == 0 or step == plan.clip_steps - 1:
+            log(stage="clip", step=step, loss=loss.item(), logit_scale=model.logit_scale.exp().item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    save_clip(model.eval(), out)
+
+
+def _to_hf_names(sd: dict) -> dict:
+    """mmfast / OpenAI CLIP names -> Hugging Face CLIPModel names (the inverse of clip.load's map)."""
+    from mmfast.clip.load import _HF_LAYER, _HF_TOP
+    top = {v: k for k, v in _HF_TOP.items()}
+    layer = {v: k for k, v in _HF_LAYER.items()}
+    out = {}
+    for k, v in sd.items():
+        if k in ("visual.proj", "text_projection"):
+            out["visual_projection.weight" if k == "visual.proj" else "text_projection.weight"] = v.t().contiguous()
+            continue
+        name = next((top[t] + k[len(t):] for t in top if k == t or k.startswith(t + ".")), None)
+        if name is None:
+            tower = "vision_model" if k.startswith("visual.") else "text_model"
+            i, sub = k.split("transformer.resblocks.")[1].split(".", 1)
+            prefix = f"{tower}.encoder.layers.{i}."
+            if sub.startswith("attn.in_proj."):
+                kind = sub.rsplit(".", 1)[1]
+                for proj, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3)):
+                    out[f"{prefix}self_attn.{proj}.{kind}"] = part.contiguous()
+                continue
+            ours = next(o for o in layer if sub.startswith(o + "."))
+            name = prefix + layer[ours] + sub[len(ours):]
+        out[name] = v.contiguous()
+    return out
+
+
+def save_clip(model: CLIP, out: Path) -> None:
+    c = model.cfg
+    tok = json.loads((out / "tokenizer_config.json").read_text())
+    vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
+    save_file(_fp16(_to_hf_names(model.state_dict())), out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": c.embed_dim,
+        "logit_scale_init_value": 2.6592,
+        "text_config": {"vocab_size": c.text.vocab_size, "hidden_size": c.text.width,
+                        "intermediate_size": c.text.mlp_dim, "num_hidden_layers": c.text.layers,
+                        "num_attention_heads": c.text.heads, "max_position_embeddings": c.text.context_length,
+                        "hidden_act": c.act, "layer_norm_eps": c.layer_norm_eps, "projection_dim": c.embed_dim,
+                        "bos_token_id": vocab[tok["bos_token"]], "eos_token_id": vocab[tok["eos_token"]],
+                        "pad_token_id": vocab[tok["pad_token"]]},
+        "vision_config": {"image_size": c.vision.image_size, "patch_size": c.vision.patch_size,
+                          "hidden_size": c.vision.width, "intermediate_size": c.vision.mlp_dim,
+                          "num_hidden_layers": c.vision.layers, "num_attention_heads": c.vision.heads,
+                          "num_channels": 3, "hidden_act": c.act, "layer_norm_eps": c.layer_norm_eps,
+                          "projection_dim": c.embed_dim},
+    }, indent=1))
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": data.SIZE},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": data.SIZE, "width": data.SIZE},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(OPENAI_MEAN), "image_std": list(OPENAI_STD), "do_convert_rgb": True}, indent=1))
+
+
+# ---- VQGAN -----------------------------------------------------------------------------------------
+VQ_CONFIG = VQConfig(resolution=data.SIZE, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+                     z_channels=64, embed_dim=32, n_embed=256)
+
+
+class _EmaCodebook:
+    """Training-time codebook: nearest code, EMA updates, dead codes restarted from batch vectors."""
+
+    def __init__(self, weight: torch.Tensor, decay: float = 0.97):
+        self.w = weight                                   # the model's quantize.embedding.weight (data)
+        self.decay = decay
+        self.count = torch.ones(weight.shape[0])
+        self.sum = weight.detach().clone()
+        self.usage = torch.zeros(weight.shape[0])
+
+    def __call__(self, z: torch.Tensor, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # z: (B, D, h, w) -> nearest codes (B, h, w) and their vectors (B, D, h, w)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).detach()   # (M, D)
+        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.w.t() + self.w.pow(2).sum(1)[None]
+        ids = d.argmin(1)
+        if update:
+            onehot = F.one_hot(ids, self.w.shape[0]).float()            # (M, K)
+            self.count.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
+            self.sum.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
+            n = self.count.sum()
+            count = (self.count + 1e-5) / (n + self.w.shape[0] * 1e-5) * n
+            self.w.data.copy_(self.sum / count[:, None])
+            self.usage.mul_(0.99).add_(onehot.sum(0) > 0, alpha=0.01)
+            dead = (self.usage < 1e-3).nonzero()[:, 0]
+            if len(dead):                                                # restart from random batch vectors
+                pick = flat[torch.randint(0, flat.shape[0], (len(dead),))]
+                self.w.data[dead] = pick
+                self.sum[dead], self.count[dead], self.usage[dead] = pick, 1.0, 1.0
+        q = F.embedding(ids, self.w.detach()).view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
+        return ids.view(z.shape[0], z.shape[2], z.shape[3]), q
+
+
+def train_vq(out: Path, plan: Plan, log: Log, seed: int) -> None:
+    torch.manual_seed(seed + 1)
+    model = VQGAN(VQ_CONFIG).train()
+    params = [p for n, p in model.named_parameters() if not n.startswith("quantize.")]
+    opt = torch.optim.Adam(params, lr=plan.vq_lr, betas=(0.9, 0.99))
+    codebook = None
+    bar = tqdm(range(plan.vq_steps), desc="vq", mininterval=2)
+    for step in bar:
+        s = data.sample(plan.vq_batch, seed=seed * 2_000_003 + step)
+        x = s.pixels() * 2 - 1                                                 # taming's [-1, 1]
+        z = model.quant_conv(model.encoder(x))                                 # (B, D, 4, 4)
+        if codebook is None:                                                   # codes start on encoder outputs
+            with torch.no_grad():
+                flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+                model.quantize.embedding.weight.copy_(flat[torch.randint(0, len(flat), (VQ_CONFIG.n_embed,))])
+            codebook = _EmaCodebook(model.quantize.embedding.weight)
+        _, q = codebook(z, update=True)
+        commit = F.mse_loss(z, q)
+        y = model.decoder(model.post_quant_conv(z + (q - z).detach()))       # straight-through
+        rec = F.mse_loss(y, x) + 0.5 * F.l1_loss(y, x)
+        loss = rec + 0.25 * commit
+        _set_lr(opt, _schedule(step, plan.vq_steps, plan.vq_lr))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 25 == 0 or step == plan.vq_steps - 1:
+            mse01 = F.mse_loss(y.detach().clamp(-1, 1), x).item() / 4
+            log(stage="vq", step=step, loss=loss.item(), commit=commit.item(),
+                psnr=10 * math.log10(1 / max(mse01, 1e-10)), codes_used=int((codebook.usage > 1e-3).sum()))
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{10 * math.log10(1 / max(mse01, 1e-10)):.1f}")
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(_fp16(model.state_dict()), out / "model.safetensors")
+    c = VQ_CONFIG
+    (out / "model.yaml").write_text(
+        "# mmfast demo VQGAN (tools/train_demo.py): taming's VQModel config layout\n"
+        "model:\n  target: taming.models.vqgan.VQModel\n  params:\n"
+        f"    embed_dim: {c.embed_dim}\n    n_embed: {c.n_embed}\n    ddconfig:\n      double_z: false\n"
+        f"      z_channels: {c.z_channels}\n      resolution: {c.resolution}\n      in_channels: 3\n"
+        f"      out_ch: 3\n      ch: {c.ch}\n      ch_mult: {list(c.ch_mult)}\n"
+        f"      num_res_blocks: {c.num_res_blocks}\n      attn_resolutions: {list(c.attn_resolutions)}\n"
+        "      dropout: 0.0\n", encoding="utf-8")
+
+
+# ---- generator ---------------------------------------------------------------------------------------
+_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")   # BART's ids 0..3; <pad> = 1 is min-dalle's text padding
+GEN_TEXT_TOKENS = 24
+
+
+def build_dalle_tokenizer(out: Path) -> DalleTokenizer:
+    """A BART-style BPE (words prefixed by "Ġ", raw ASCII characters) learned on the English captions
+    (min-dalle's text cleaning keeps ASCII only) until every word is one token."""
+    import string
+
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+
+    space = chr(ord(" ") + 256)
+    tok = Tokenizer(BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    alphabet = sorted(set(string.ascii_lowercase + string.digits + string.punctuation)) + [space]
+    trainer = BpeTrainer(vocab_size=2000, min_frequency=1, show_progress=False, special_tokens=list(_SPECIALS),
+                         initial_alphabet=alphabet)
+    lines = [" ".join(space + w for w in t.lower().split()) for t in data.corpus("en")]
+    tok.train_from_iterator(lines, trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(model["vocab"]), encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
+    return DalleTokenizer.from_files(out / "vocab.json", out / "merges.txt", text_tokens=GEN_TEXT_TOKENS)
+
+
+def build_generator(text_vocab: int) -> tuple[DalleEncoder, DalleDecoder]:
+    n = VQ_CONFIG.n_embed
+    cfg = DalleConfig(encoder_layers=2, decoder_layers=3, width=128, heads=4, glu_dim=256, text_vocab=text_vocab,
+                      text_tokens=GEN_TEXT_TOKENS, image_vocab=n, image_tokens=VQ_CONFIG.grid ** 2,
+                      codebook_size=n, start_token=n)  # its own start row: one past the codebook
+    enc, dec = DalleEncoder(cfg), DalleDecoder(cfg)
+    for m in (enc, dec):
+        for name, p in m.named_parameters():
+            if p.dim() >= 2:
+                torch.nn.init.normal_(p, std=0.02)
+    return enc, dec
+
+
+def decoder_logits(dec: DalleDecoder, state: torch.Tensor, text: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits of every position at once: what `DalleDecoder.step` computes one
+    position at a time (checked by `_check_step_parity`). prev: (N, T) tokens fed at positions 0..T-1."""
+    T = prev.shape[1]
+    x = dec.layernorm_embedding(dec.embed_tokens(prev) + dec.embed_positions.weight[:T])     # (N, T, W)
+    key_mask = (text != dec.cfg.text_pad_token)[:, None, None, :]                            # (N, 1, 1, S)
+    for layer in dec.layers:
+        sa, ca = layer.self_attn, layer.encoder_attn
+        h = layer.pre_self_attn_layer_norm(x)
+        q, k, v = (sa.split(p(h)) for p in (sa.q_proj, sa.k_proj, sa.v_proj))               # (N, H, T, Dh)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + layer.self_attn_layer_norm(sa.out_proj(a.transpose(1, 2).flatten(2)))
+        q = ca.split(ca.q_proj(layer.pre_encoder_attn_layer_norm(x)))
+        k, v = ca.split(ca.k_proj(state)), ca.split(ca.v_proj(state))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        x = x + layer.encoder_attn_layer_norm(ca.out_proj(a.transpose(1, 2).flatten(2)))
+        x = x + layer.glu(x)
+    return dec.lm_head(dec.final_ln(x))[..., : dec.cfg.codebook_size]                       # (N, T, K)
+
+
+def _check_step_parity(enc, dec, text, tokens) -> float:
+    """Max |teacher-forced - step-by-step| logit difference on a few rows (the decode loop's view)."""
+    with torch.no_grad():
+        state = enc(text)
+        prev = torch.cat([torch.full_like(tokens[:, :1], dec.cfg.start_token), tokens[:, :-1]], 1)
+        full = decoder_logits(dec, state, text, prev)
+        ck, cv, cl = dec.cross_kv(state, text)
+        kc, vc = dec.new_cache(text.shape[0])
+        steps = [dec.step(prev[:, i], torch.tensor(i), kc, vc, ck, cv, cl) for i in range(prev.shape[1])]
+        return (torch.stack(steps, 1) - full).abs().max().item()
+
+
+def train_generator(out: Path, vq_model: VQGAN, plan: Plan, log: Log, seed: int) -> None:
+    torch.manual_seed(seed + 2)
+    tokenizer = build_dalle_tokenizer(out)
+    pool = data.sample(plan.gen_pool, seed=seed * 3_000_003)
+    with torch.no_grad():                                       # the scenes' tokens, once: (P, 16)
+        vq_model.quantize.refresh()
+        codes = torch.cat([vq_model.encode(pool.pixels()[i:i + 512] * 2 - 1)
+                           for i in range(0, len(pool), 512)]).flatten(1)
+    enc, dec = build_generator(max(json.loads((out / "vocab.json").read_text()).values()) + 1)
+    enc.train(), dec.train()
+    params = list(enc.parameters()) + list(dec.parameters())
+    opt = torch.optim.AdamW(params, lr=plan.gen_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    rng = torch.Generator().manual_seed(seed + 3)
+    bar = tqdm(range(plan.gen_steps), desc="generator", mininterval=2)
+    for step in bar:
+        idx = torch.randint(0, len(pool), (plan.gen_batch,), generator=rng)
+        scenes = data.Scenes(*(getattr(pool, f)[idx] for f in ("colour", "shape", "position", "size",
+                                                                "background", "offset", "images")))
+        rows = tokenizer(data.captions(scenes, "en", seed=seed * 3_000_003 + step))   # (N, 2, T)
+        drop = torch.rand(plan.gen_batch, generator=rng) < 0.15     # unconditioned row: learns guidance
+        text = torch.where(drop[:, None], rows[:, 0], rows[:, 1])
+        target = codes[idx]                                           # (N, 16)
+        prev = torch.cat([torch.full_like(target[:, :1], dec.cfg.start_token), target[:, :-1]], 1)
+        logits = decoder_logits(dec, enc(text), text, prev)
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+        _set_lr(opt, _schedule(step, plan.gen_steps, plan.gen_lr))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 25 == 0 or step == plan.gen_steps - 1:
+            log(stage="generator", step=step, loss=loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    enc.eval(), dec.eval()
+    gap = _check_step_parity(enc, dec, text[:4], target[:4])
+    assert gap < 1e-3, f"teacher-forced logits differ from DalleDecoder.step by {gap}"
+    save_file(_fp16(enc.state_dict()), out / "encoder.safetensors")
+    save_file(_fp16(dec.state_dict()), out / "decoder.safetensors")
+    c = dec.cfg
+    (out / "config.json").write_text(json.dumps({
+        "comment": "mmfast demo generator (tools/train_demo.py); shapes give the rest of DalleConfig",
+        "heads": c.heads, "codebook_size": c.codebook_size, "start_token": c.start_token,
+        "text_pad_token": c.text_pad_token, "vqgan": "../vq"}, indent=1))
+
+
+# ---- main --------------------------------------------------------------------------------------------
+def _fp16(sd: dict) -> dict:
+    """Float tensors stored as fp16 (the loaders copy them into fp32 parameters): half the bytes."""
+    return {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous() for k, v in sd.items()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "mmfast" / "demo" / "weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help="a few steps per stage (seconds): the trainer's test")
+    p.add_argument("--stages", default="clip,vq,generator",
+                   help="comma-separated subset; later stages read earlier ones' files from --out")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    plan = SMOKE if args.smoke else Plan()
+    stages = args.stages.split(",")
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / ("train_log.jsonl" if stages == ["clip", "vq", "generator"] else f"train_log.{'-'.join(stages)}.jsonl"))
+    times = {}
+    t0 = time.perf_counter()
+    if "clip" in stages:
+        train_clip(out / "clip", plan, log, args.seed)
+        times["clip_s"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    if "vq" in stages:
+        train_vq(out / "vq", plan, log, args.seed)
+        times["vq_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if "generator" in stages:
+        # the generator learns the tokens of the VQGAN as shipped (fp16-rounded), read back from its file
+        from mmfast.vqgan.load import load_into, load_vq_checkpoint
+        cfg, sd = load_vq_checkpoint(out / "vq")
+        vq_model = VQGAN(cfg).eval()
+        load_into(vq_model, sd, str(out / "vq"))
+        train_generator(out / "generator", vq_model, plan, log, args.seed)
+        times["generator_s"] = time.perf_counter() - t
+    times["total_s"] = time.perf_counter() - t0
+    metrics = measure(out, smoke=args.smoke)
+    record = {**metrics, "train_seconds": {k: round(v, 1) for k, v in times.items()}, "stages": stages,
+              "cpu": _cpu_name(), "threads": args.threads, "torch": torch.__version__, "seed": args.seed,
+              "plan": plan.__dict__, "smoke": args.smoke}
+    (out / "metrics.json").write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(json.dumps(record, indent=1, ensure_ascii=False))
+    return record
+
+
+def measure(out: Path, smoke: bool = False) -> dict:
+    """The metrics of the saved files, loaded back through mmfast's ordinary loaders (fp32, torch)."""
+    from mmfast import load_clip, load_generator, load_vq
+    from mmfast.demo import evaluate
+    clip = load_clip(out / "clip", device="cpu", dtype="fp32", backend="torch")
+    vq = load_vq(out / "vq", device="cpu", dtype="fp32", backend="torch")
+    gen = load_generator(out / "generator", device="cpu", dtype="fp32", backend="torch", vqgan=vq)
+    if smoke:  # the files load and every metric runs; the numbers mean nothing after 3 steps
+        return {"zero_shot_accuracy_en": evaluate.zero_shot_accuracy(clip, "en", n=16),
+                "zero_shot_accuracy_ru": evaluate.zero_shot_accuracy(clip, "ru", n=16),
+                "vq_psnr_db": evaluate.reconstruction_psnr(vq, n=8),
+                "generation_accuracy": evaluate.generation_accuracy(gen, clip, n=1)}
+    return {**evaluate.evaluate_all(clip, vq, gen), "sampling": evaluate.SAMPLING}
+
+
+if __name__ == "__main__":
+    main()
