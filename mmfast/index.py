@@ -90,6 +90,11 @@ class SimilarityIndex:
         up to exact ties), 1.5x (16 queries) to 2.8x (256 queries) faster on 1M x 512 (2 cores).
     device : where rows are stored and searched ("cpu": C++ kernel; "cuda": Triton kernel).
 
+    Threads: one index may be shared. `search` and `save` see a consistent snapshot, the index after
+    some number of whole `add` calls (never part of one, and for one thread never fewer than an
+    earlier call saw), and run in parallel with each other and with `add`; `add` calls are serialised.
+    tests/reliability/test_threads.py checks this answer by answer against serial runs.
+
     Example
     -------
     >>> index = SimilarityIndex(512, dtype="fp16")
