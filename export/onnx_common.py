@@ -108,34 +108,41 @@ def file_name(part: str, fp16: bool, prefix: str) -> str:
 
 def export_graph(module: torch.nn.Module, args: tuple, path: Path, *, inputs: dict, outputs: dict,
                  meta: dict, opset: int = OPSET, check: bool = True) -> Path:
-    """Trace `module(*args)` to `path`. `inputs` / `outputs`: name -> {axis: symbolic name}, in order."""
+    """Trace `module(*args)` to `path`. `inputs` / `outputs`: name -> {axis: symbolic name}, in order.
+
+    Atomic: the graph is traced, stamped and checked in a hidden staging folder beside `path`, then
+    moved over it (`mmfast._atomic.replace_with_sidecar`), so a failed or killed export leaves the
+    previous graph in place."""
+    from mmfast._atomic import replace_with_sidecar, staging_dir
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in (path, path.with_name(path.name + ".data")):
-        stale.unlink(missing_ok=True)
     axes = {k: v for k, v in {**inputs, **outputs}.items() if v}
     half = any(p.dtype == torch.float16 for p in module.parameters())
-    with warnings.catch_warnings(), torch.no_grad(), reference_kernels(), _symbolics(opset), _plain_attention(half):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), args, str(path), input_names=list(inputs), output_names=list(outputs),
-                          dynamic_axes=axes, opset_version=opset, dynamo=False)
-    import onnx
+    with staging_dir(path.parent, path.name) as stage:
+        tmp = stage / path.name  # the final name: external data is referenced by it
+        with warnings.catch_warnings(), torch.no_grad(), reference_kernels(), _symbolics(opset), \
+                _plain_attention(half):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module.eval(), args, str(tmp), input_names=list(inputs), output_names=list(outputs),
+                              dynamic_axes=axes, opset_version=opset, dynamo=False)
+        import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    external = _external_files(model)
-    if external:  # the exporter writes one file per tensor past 2 GB: gather them into <file>.data
-        onnx.load_external_data_for_model(model, str(path.parent))
-        for f in external:
-            (path.parent / f).unlink(missing_ok=True)
-    for k, v in {**meta, "opset": opset}.items():
-        model.metadata_props.add(key=f"mmfast.{k}", value=v if isinstance(v, str) else json.dumps(v))
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-    if check:
-        check_graph(path, inputs)
+        model = onnx.load(str(tmp), load_external_data=False)
+        external = _external_files(model)
+        if external:  # the exporter writes one file per tensor past 2 GB: gather them into <file>.data
+            onnx.load_external_data_for_model(model, str(stage))
+            for f in external:
+                (stage / f).unlink(missing_ok=True)
+        for k, v in {**meta, "opset": opset}.items():
+            model.metadata_props.add(key=f"mmfast.{k}", value=v if isinstance(v, str) else json.dumps(v))
+        if external:
+            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(model, str(tmp))
+        if check:
+            check_graph(tmp, inputs)
+        replace_with_sidecar(tmp, path)
     return path
 
 

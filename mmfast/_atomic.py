@@ -20,21 +20,26 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import io
 import os
 import re
 import secrets
 import shutil
+import socket
 from pathlib import Path
 
-# .<name>.tmp-<pid>-<8 hex>[<suffix>]: hidden, names its target and the process that writes it
-_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}(?:\.[^.]*)?$")
+# .<name>.tmp-<pid>-<host: 4 hex><random: 6 hex>[<suffix>]: hidden, names its target and the process
+# that writes it. The host tag keeps a sweep from removing the files of a live process on another
+# machine or container sharing the folder (its pid means nothing here).
+_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-(?P<host>[0-9a-f]{4})[0-9a-f]{6}(?:\.[^.]*)?$")
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:4]
 _UNNAMED = hasattr(os, "O_TMPFILE")  # tests switch it off to exercise the named fallback
 
 
 def temp_name(path: Path, suffix: str = "") -> Path:
     """A fresh hidden name beside `path` that `sweep` recognises (with `suffix`, e.g. ".onnx")."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{_HOST}{secrets.token_hex(3)}{suffix}")
 
 
 def _alive(pid: int) -> bool:
@@ -51,7 +56,7 @@ def _alive(pid: int) -> bool:
 
 def sweep(folder) -> list[Path]:
     """Remove the temporary files / folders that processes which no longer run left in `folder`
-    (killed mid-save); returns what was removed. Entries of live processes are kept."""
+    (killed mid-save); returns what was removed. Entries of live processes, or of other hosts, stay."""
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -59,7 +64,7 @@ def sweep(folder) -> list[Path]:
         return removed
     for e in entries:
         m = _TMP.match(e.name)
-        if m is None or _alive(int(m["pid"])):
+        if m is None or m["host"] != _HOST or _alive(int(m["pid"])):
             continue
         p = Path(e.path)
         with contextlib.suppress(OSError):
