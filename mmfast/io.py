@@ -107,8 +107,8 @@ def read_torchscript(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         raise ValueError(f"'{path}' is a zip archive but not a TorchScript one (no {prefix}/code/); "
                          "use read_state_dict for torch.save files")
     with zipfile.ZipFile(path) as zf:
-        layout = _script_layout(zf, prefix)
         try:
+            layout = _script_layout(zf, prefix)
             root = _ZipUnpickler(zf, prefix, path, placeholders=False).load()
         except _Refused as e:
             raise ValueError(f"refused to load '{path}': {e}. mmfast never runs code from checkpoint files") from None
@@ -171,7 +171,7 @@ def _zip_layout(path: pathlib.Path) -> tuple[str, bool]:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except Exception as e:  # noqa: BLE001 - BadZipFile, EOFError, UnicodeDecodeError (a mangled name), ...
         raise ValueError(f"'{path}' is a truncated or corrupt zip archive (expected {_TORCH_FORMATS}): {e}") from e
     pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
     if len(pickles) != 1:
@@ -188,7 +188,8 @@ def _torch_load(path: pathlib.Path, mmap: bool):
         # weights_only refuses every class it does not know, code or not: read the file again with
         # placeholders for those classes (and a refusal for the ones that can run code).
         return _unpickle_torch_file(path)
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, struct.error) as e:
+    except Exception as e:  # noqa: BLE001 - RuntimeError, EOFError, struct.error, SafetensorError (torch.load
+        # hands a *.safetensors name to safetensors whatever its bytes), ...: all mean a corrupt file here
         raise ValueError(f"'{path}' could not be read (expected {_TORCH_FORMATS}): "
                          f"{type(e).__name__}: {_first_line(str(e))}") from e
 

@@ -101,7 +101,17 @@ class DalleTokenizer:
             raise ValueError(f"{path} is not a JSON vocabulary ({e}); re-download min-dalle's vocab.json") from None
         if not isinstance(vocab, dict):
             raise ValueError(f"{path}: expected a JSON object token -> id, got {type(vocab).__name__}")
-        return cls(vocab, read_merges(merges_path), **kwargs)
+        bad = next(((k, v) for k, v in vocab.items() if type(v) is not int or not 0 <= v < 2 ** 31), None)
+        if bad is not None:
+            raise ValueError(f"{path}: token {bad[0]!r} has id {bad[1]!r}; ids must be ints in [0, 2**31)")
+        try:
+            merges = read_merges(merges_path)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{merges_path} is not a UTF-8 text file ({e}); re-download min-dalle's merges.txt") from None
+        try:
+            return cls(vocab, merges, **kwargs)
+        except Exception as e:  # noqa: BLE001 - ValueError here, or the Rust tokenizer's own refusal
+            raise ValueError(f"{path} / {merges_path} do not make a BPE tokenizer: {e}") from None
 
     def _words(self, words: list[str]) -> list[int]:
         cache = self._cache

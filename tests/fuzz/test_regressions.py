@@ -71,3 +71,74 @@ def test_index_ids_past_int64_are_refused(index):
     with pytest.raises(TypeError, match="vectors must be floating point"):
         index.add(np.array([["x"] * 8], dtype=object))
     assert len(index) == 6
+
+
+# ---------------------------------------------------------------- checkpoint readers (mmfast.io)
+
+def test_torch_zip_named_safetensors_is_a_value_error(tmp_path):
+    from mmfast.io import read_state_dict
+
+    path = tmp_path / "weights.safetensors"           # torch.load hands *.safetensors names to safetensors
+    torch.save({"w": torch.ones(2)}, path)
+    with pytest.raises(ValueError, match="weights.safetensors.*could not be read"):
+        read_state_dict(path)
+
+
+def _zip_bytes(tmp_path, script: bool) -> bytes:
+    path = tmp_path / "m.pt"
+    if script:
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    else:
+        torch.save({"w": torch.ones(2)}, path)
+    return path.read_bytes()
+
+
+def test_torchscript_with_a_corrupt_code_record_is_a_value_error(tmp_path):
+    import zipfile
+
+    from mmfast.io import read_state_dict
+
+    data = bytearray(_zip_bytes(tmp_path, script=True))
+    path = tmp_path / "script.pt"
+    path.write_bytes(data)
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if "/code/" in i.filename and i.filename.endswith(".py"))
+    local = data[info.header_offset:info.header_offset + 30]
+    start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+    data[start + 2] ^= 0xFF                           # deflated code: bad data or a CRC mismatch
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match="script.pt"):
+        read_state_dict(path)
+
+
+def test_zip_with_a_name_that_is_not_utf8_is_a_value_error(tmp_path):
+    from mmfast.io import read_state_dict
+
+    data = bytearray(_zip_bytes(tmp_path, script=False))
+    central = data.rfind(b"PK\x01\x02")               # torch sets the UTF-8 flag on every name
+    data[central + 46] = 0xFF
+    path = tmp_path / "names.pt"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match="names.pt.*corrupt zip"):
+        read_state_dict(path)
+
+
+# ---------------------------------------------------------------- DALL·E tokenizer files
+
+def test_dalle_tokenizer_files_that_are_not_text_or_not_ids(tmp_path):
+    import json
+
+    from mmfast.dalle.tokenizer import DalleTokenizer
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "a": 4}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_bytes(b"\xff\xfe#version\n")
+    with pytest.raises(ValueError, match="merges.txt is not a UTF-8 text file"):
+        DalleTokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    (tmp_path / "vocab.json").write_text(json.dumps({**vocab, "b": "five"}))
+    with pytest.raises(ValueError, match="vocab.json: token 'b' has id 'five'"):
+        DalleTokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 4}))
+    with pytest.raises(ValueError, match="vocab.json .* no '<s>' token"):
+        DalleTokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
