@@ -41,6 +41,10 @@ class Case:
     bytes: float = 0.0             # bytes a call must move at least -> GB/s
     flops: float = 0.0             # FLOPs per call -> TFLOP/s
     extra: dict = dataclasses.field(default_factory=dict)
+    # Calls per provider turn; with block > 1 the first call of each turn is untimed. For engines that
+    # keep their own spinning thread pools (ONNX Runtime, OpenMP): A B A B single calls would time each
+    # one against the other's still-spinning threads, which no deployment running one engine sees.
+    block: int = 1
 
 
 def machine() -> dict:
@@ -96,12 +100,17 @@ def measure(case: Case, *, warmup: int = 1, repeats: int = 5, min_seconds: float
     times: dict[str, list[float]] = {p.name: [] for p in case.providers}
     start = time.perf_counter()
     r = 0
+    load = os.getloadavg()[0]
     while r < repeats or time.perf_counter() - start < min_seconds:
         for p in case.providers:
-            t0 = time.perf_counter()
-            p.fn()
-            _sync()
-            times[p.name].append(time.perf_counter() - t0)
+            if case.block > 1:
+                p.fn()                                        # untimed: this engine's threads wake up
+                _sync()
+            for _ in range(max(1, case.block - 1)):
+                t0 = time.perf_counter()
+                p.fn()
+                _sync()
+                times[p.name].append(time.perf_counter() - t0)
         r += 1
     base = statistics.median(times[case.baseline]) if case.baseline in times else None
     rows = []
@@ -113,6 +122,7 @@ def measure(case: Case, *, warmup: int = 1, repeats: int = 5, min_seconds: float
             "op": case.op, "provider": p.name, "shape": case.shape, "dtype": p.dtype,
             "p50_ms": p50 * 1e3, "p20_ms": q(0.2) * 1e3, "p80_ms": q(0.8) * 1e3, "n": len(ts),
             "speedup_vs_baseline": (base / p50) if base else None, "baseline": case.baseline,
+            "load_1m": round(load, 2),                       # the machine's 1-minute load when the case began
         }
         if case.items:
             row["items_per_s"] = case.items / p50

@@ -12,7 +12,7 @@ import numpy as np
 
 def _load(args):
     from .clip import load_clip
-    return load_clip(args.checkpoint, name=args.name, device=args.device, dtype=args.dtype)
+    return load_clip(args.checkpoint, name=args.name, device=args.device, dtype=args.dtype, backend=args.backend)
 
 
 def _info(args) -> None:
@@ -31,7 +31,8 @@ def _info(args) -> None:
         out["model"] = {"repr": repr(clip), "dtype": clip.dtype, "embed_dim": cfg.embed_dim,
                         "image_size": cfg.vision.image_size, "context_length": cfg.text.context_length,
                         "act": cfg.act, "text_pool": cfg.text.pool,
-                        "parameters": sum(p.numel() for p in clip.model.parameters())}
+                        "parameters": sum(p.numel() for p in clip.model.parameters()) if hasattr(clip.model, "parameters")
+                        else None, "backend": clip.backend, "parts": clip.info}
     print(json.dumps(out, indent=2, ensure_ascii=False))
 
 
@@ -81,7 +82,8 @@ def _vq_encode(args) -> None:
     out = Path(args.output)
     if out.suffix != ".npy":
         sys.exit(f"mmfast vq encode: --output {out} must end in .npy")
-    vq = load_vq(args.model, name=args.name, config=args.config, device=args.device, dtype=args.dtype)
+    vq = load_vq(args.model, name=args.name, config=args.config, device=args.device, dtype=args.dtype,
+                 backend=args.backend)
     tokens = vq.encode([str(p) for p in args.images], size=args.size)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, tokens.numpy())
@@ -91,7 +93,8 @@ def _vq_encode(args) -> None:
 def _vq_decode(args) -> None:
     from .vqgan import load_vq
     tokens = np.load(args.tokens, allow_pickle=False)
-    vq = load_vq(args.model, name=args.name, config=args.config, device=args.device, dtype=args.dtype)
+    vq = load_vq(args.model, name=args.name, config=args.config, device=args.device, dtype=args.dtype,
+                 backend=args.backend)
     images = vq.decode(tokens).numpy()                                  # (B, H, W, 3) uint8
     b, h, w, _ = images.shape
     cols = min(b, args.columns) if args.columns else math.ceil(math.sqrt(b))
@@ -104,11 +107,11 @@ def _vq_decode(args) -> None:
 def _generate(args) -> None:
     from .dalle import load_generator
     gen = load_generator(args.model, variant=args.variant, device=args.device, dtype=args.dtype,
-                         vqgan=args.vqgan or "auto")
+                         vqgan=args.vqgan or "auto", backend=args.backend)
     clip = None
     if args.rerank_with:
         from .clip import load_clip
-        clip = load_clip(args.rerank_with, device=args.device)
+        clip = load_clip(args.rerank_with, device=args.device, backend=args.backend)
     images = gen.generate(args.prompts, n=args.n, seed=args.seed, top_k=args.top_k, top_p=args.top_p,
                           temperature=args.temperature, guidance=args.guidance, rerank_with=clip,
                           progress=args.progress)
@@ -157,12 +160,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="mmfast", description="Fast multimodal inference (CLIP, VQGAN, DALL·E).")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
+    def backend_arg(p, choices=("torch", "onnxruntime", "tensorrt", "auto")):
+        p.add_argument("--backend", choices=choices, help="engine per model part (default: $MMFAST_BACKEND, else "
+                       "auto: the fastest measured here that keeps fp32's fidelity bar; cached)")
+
     def model_args(p, required=True):
         p.add_argument("checkpoint", nargs=None if required else "?",
                        help="open_clip dir, Hugging Face dir, OpenAI .pt, or state dict file")
         p.add_argument("--name", help="preset for bare state dicts, e.g. ViT-B-32")
         p.add_argument("--device", default="auto")
         p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
+        backend_arg(p)
 
     p = sub.add_parser("info", help="machine, kernels and (optionally) model summary")
     model_args(p, required=False)
@@ -193,6 +201,7 @@ def main(argv=None) -> None:
         p.add_argument("--config", help="the run's model.yaml when it is not beside the checkpoint")
         p.add_argument("--device", default="auto")
         p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+        backend_arg(p)
 
     p = vq_sub.add_parser("encode", help="images -> tokens.npy (int64 [B, h, w])")
     vq_model_args(p)
@@ -221,6 +230,7 @@ def main(argv=None) -> None:
     p.add_argument("--rerank-with", help="a CLIP checkpoint: each prompt's images best first")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    backend_arg(p, choices=["torch", "onnxruntime", "auto"])
     p.add_argument("--progress", action="store_true")
     p.add_argument("--out", required=True, help="grid.png")
     p.set_defaults(fn=_generate)

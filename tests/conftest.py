@@ -3,6 +3,9 @@ import os
 
 # Triton kernels run on CPU through the interpreter; it must be set before kernels are imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The loaders' default backend is "auto" (measured per part, exports ONNX on first load); tests pin
+# torch unless they ask for another backend (tests/test_backend_default.py checks the default itself).
+os.environ.setdefault("MMFAST_BACKEND", "torch")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

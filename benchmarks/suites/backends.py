@@ -10,7 +10,9 @@ min vs torch fp32, VQGAN PSNR vs torch fp32, the step's max |logit - fp32| and w
 token is fp32's. The "auto_choice" column is what `backend="auto"` picked for that part, and why.
 Both engines use torch's thread count (ORT sessions take it from torch.get_num_threads()).
 The exported graphs and the auto measurement are cached in mmfast's cache folder: a second run
-skips the exports.
+skips the exports. Providers take turns in blocks (the first call of a turn untimed): ONNX Runtime's
+and OpenMP's thread pools spin after a call, and single alternating calls would time each engine
+against the other's spinning threads.
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ def _clip_cases(quick: bool):
             cos = float(F.cosine_similarity(getattr(clip, fn)(x), want).min())
             label = f"{label} ({clip.dtype})" if label == "torch auto" else label
             providers.append(Provider(label, (lambda c=clip: getattr(c, fn)(x)), clip.dtype, {"cosine_min": cos}))
-        yield Case(f"clip.{fn}", f"{name} B={B}", providers, baseline="torch fp32", items=B,
+        yield Case(f"clip.{fn}", f"{name} B={B}", providers, baseline="torch fp32", items=B, block=3,
                    extra={"auto_choice": _auto_note(auto.info, part)})
 
 
@@ -95,7 +97,8 @@ def _vq_cases(quick: bool):
         providers.append(Provider(label, (lambda v=vq: v.decode_pixels(ids)), vq.dtype,
                                   {"psnr_db": round(q, 2) if q != float("inf") else "inf"}))
     yield Case("vq.decode", f"{'tiny' if quick else 'f16-16384'} B={B} {grid}x{grid} -> {grid * cfg.factor} px",
-               providers, baseline="torch fp32", items=B, extra={"auto_choice": _auto_note(auto.info, "decoder")})
+               providers, baseline="torch fp32", items=B, block=3,
+               extra={"auto_choice": _auto_note(auto.info, "decoder")})
 
 
 # ---- DALL·E decode step -------------------------------------------------------------------------------------
@@ -163,7 +166,7 @@ def _dalle_cases(quick: bool):
     g = Generator(enc, dec, _tokenizer(), device="cpu", backend="auto")
     name = "tiny" if quick else "mini"
     yield Case("dalle.decode_step", f"{name} 1 image (2 rows), pos {cfg.image_tokens // 2}", providers,
-               baseline="torch fp32", items=1, extra={"auto_choice": _auto_note(g.info, "step"),
+               baseline="torch fp32", items=1, block=4, extra={"auto_choice": _auto_note(g.info, "step"),
                                                       "auto_encoder": _auto_note(g.info, "encoder")})
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
+import os
 import time
 
 import torch
@@ -27,17 +29,46 @@ import torch.nn.functional as F
 from .onnxruntime import OrtClip, OrtVQ, _machine, cache_root, check_dtype, exported, quantized, weights_sha256
 from .onnxruntime_dalle import OrtDalleDecoder, OrtDalleEncoder
 
-BACKENDS = ("torch", "onnxruntime", "auto")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 MARGIN = 1.05
 _PROBE_STEPS = 8
+ENV = "MMFAST_BACKEND"   # the loaders' default backend when none is passed ("auto" when unset)
 
 
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
-        hint = (" (TensorRT: mmfast.export.tensorrt builds engines from the exported ONNX)"
-                if backend == "tensorrt" else "")
-        raise ValueError(f"backend={backend!r} is not supported; use 'torch', 'onnxruntime' or 'auto'{hint}")
+        raise ValueError(f"backend={backend!r} is not supported; use one of {', '.join(map(repr, BACKENDS))}")
     return backend
+
+
+def resolve_backend(backend: str | None) -> str:
+    """The loaders' `backend=None`: $MMFAST_BACKEND if set, else "auto" (the measured fastest per part)."""
+    if backend is not None:
+        return check_backend(backend)
+    env = os.environ.get(ENV, "").strip()
+    if env and env not in BACKENDS:
+        raise ValueError(f"${ENV}={env!r} is not a backend; set it to one of {', '.join(BACKENDS)} or unset it")
+    return env or "auto"
+
+
+def ort_missing() -> str | None:
+    """Why ONNX Runtime cannot be a candidate here (None when it can)."""
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        return "ONNX Runtime is not installed (pip install 'mmfast[onnx]'), so PyTorch runs every part"
+    return None
+
+
+def _tensorrt_precision(what: str, dtype, device) -> str:
+    """TensorRT's precision for `dtype` ("auto" -> fp16), after checking that it can run here at all."""
+    from mmfast.export.tensorrt import PRECISIONS, import_tensorrt
+    if device.type != "cuda":
+        raise ValueError(f"backend='tensorrt' runs {what} on an NVIDIA GPU, but device={str(device)!r}; pass "
+                         "device='cuda', or backend='onnxruntime' / 'torch' on the CPU")
+    name = "fp16" if dtype == "auto" else {"float16": "fp16", "float32": "fp32"}.get(str(dtype), str(dtype))
+    if name not in PRECISIONS:
+        raise ValueError(f"dtype={dtype!r} cannot run {what} on TensorRT; use one of {PRECISIONS} or 'auto'")
+    import_tensorrt()
+    return name
 
 
 def _timed(fn, repeats: int = 3) -> float:
@@ -134,9 +165,14 @@ def clip_backend(clip, model, backend: str, dtype):
                                            "fp32 (int8 needs VNNI and cosine >= 0.999 on the probe)")
         return name, m, {p: {"backend": "onnxruntime", "dtype": name, "why": why, "cosine_min": c}
                          for p, c in cos.items()}
-    if clip.device.type != "cpu":
+    if backend == "tensorrt":
+        from .tensorrt import TrtClip
+        name = _tensorrt_precision("CLIP", dtype, clip.device)
+        m = TrtClip(model, cache_dir=cache_root() / "tensorrt", precision=name, device=clip.device)
+        return name, m, {p: {"backend": "tensorrt", "dtype": name, "why": "backend='tensorrt'"} for p in ("image", "text")}
+    if clip.device.type != "cpu" or ort_missing():
         name, m = clip._choose(model, dtype)
-        why = f"ONNX Runtime runs on CPU here and the device is {clip.device}"
+        why = ort_missing() or f"ONNX Runtime runs on CPU here and the device is {clip.device}"
         return name, m, {p: {"backend": "torch", "dtype": name, "why": why} for p in ("image", "text")}
     key = _key("clip", weights_sha256(model), dtype, clip.device)
     choice = _cached(key)
@@ -197,9 +233,14 @@ def vq_backend(vq, model, backend: str, dtype):
         name = check_dtype("the VQGAN", "fp32" if dtype == "auto" else dtype, vq.device, allowed=("fp32",))
         info = {p: {"backend": "onnxruntime", "dtype": name, "why": "backend='onnxruntime'"} for p in parts}
         return name, OrtVQ(model, parts=parts), info
-    if vq.device.type != "cpu":
+    if backend == "tensorrt":
+        from .tensorrt import TrtVQ
+        name = _tensorrt_precision("the VQGAN", dtype, vq.device)
+        m = TrtVQ(model, cache_dir=cache_root() / "tensorrt", precision=name, device=vq.device)
+        return "fp32", m, {p: {"backend": "tensorrt", "dtype": name, "why": "backend='tensorrt'"} for p in parts}
+    if vq.device.type != "cpu" or ort_missing():
         name, m = vq._choose(model, dtype)
-        why = f"ONNX Runtime runs on CPU here and the device is {vq.device}"
+        why = ort_missing() or f"ONNX Runtime runs on CPU here and the device is {vq.device}"
         return name, m, {p: {"backend": "torch", "dtype": name, "why": why} for p in parts}
     key = _key("vq", weights_sha256(model), dtype, vq.device)
     choice = _cached(key)
@@ -289,6 +330,10 @@ def generator_backend(gen, encoder, decoder, tokenizer, *, backend: str, device,
 
     check_backend(backend)
     dev = _device(device)
+    if backend == "tensorrt":
+        raise ValueError("backend='tensorrt' is not offered for the generator: its decode loop runs on "
+                         "backend='torch' or 'onnxruntime'; TensorRT engines of the step's logits graph come "
+                         "from mmfast.export (opset-17 logits export) for a serving stack of your own")
 
     def build(d):
         return Generator(encoder, decoder, tokenizer, device=device, dtype=d, detoker_path=detoker_path)
@@ -312,9 +357,9 @@ def generator_backend(gen, encoder, decoder, tokenizer, *, backend: str, device,
         adopt(build("fp32"), ort, {"encoder": {"backend": "onnxruntime", "dtype": "fp32", "why": why},
                                    "step": {"backend": "onnxruntime", "dtype": name, "why": why}})
         return
-    if dev.type != "cpu":
+    if dev.type != "cpu" or ort_missing():
         tg = build(dtype)
-        why = f"ONNX Runtime runs on CPU here and the device is {dev}"
+        why = ort_missing() or f"ONNX Runtime runs on CPU here and the device is {dev}"
         adopt(tg, {}, {p: {"backend": "torch", "dtype": torch_mode(tg), "why": why} for p in ("encoder", "step")})
         return
     key = _key("dalle", weights_sha256(encoder, decoder), dtype, dev)

@@ -28,13 +28,14 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
 AUTO_MIN_COSINE = 0.999
 
 
-def load_clip(path, *, name: str | None = None, device="auto", dtype="auto", backend="torch") -> "Clip":
+def load_clip(path, *, name: str | None = None, device="auto", dtype="auto", backend: str | None = None) -> "Clip":
     """Load a CLIP checkpoint (open_clip dir, Hugging Face dir, OpenAI .pt, or bare state dict).
 
     Parameters
     ----------
     path : str or Path
-        A directory or file; see `mmfast.clip.load` for the layouts.
+        A directory or file; see `mmfast.clip.load` for the layouts. "demo": the small CLIP shipped
+        in the package (trained here on coloured shapes, English and Russian captions).
     name : str, optional
         Preset name ("ViT-B-32", "ViT-B-32-quickgelu", ...), needed only for bare state dicts.
     device : "auto" | "cpu" | "cuda" | torch.device
@@ -42,20 +43,24 @@ def load_clip(path, *, name: str | None = None, device="auto", dtype="auto", bac
     dtype : "auto" | "fp32" | "bf16" | "fp16" | "int8"
         "auto": fp16 on CUDA; on CPU the fastest of int8 (VNNI CPUs) / bf16 (CPUs with native
         bf16) / fp32 whose embeddings keep cosine >= 0.999 to fp32 on these weights.
-    backend : "torch" | "onnxruntime" | "auto"
-        The engine that runs the towers. "onnxruntime" exports fp32 ONNX graphs once (checked
+    backend : None | "torch" | "onnxruntime" | "tensorrt" | "auto"
+        The engine that runs the towers; None (default) is $MMFAST_BACKEND, else "auto". "onnxruntime" exports fp32 ONNX graphs once (checked
         against PyTorch, cached by weights in mmfast's cache folder) and runs them on ORT's CPU
         provider, in fp32 or (dtype="int8", the "auto" choice on VNNI CPUs) with ORT's dynamic int8
         quantization. "auto" probes both engines per tower and keeps the fastest whose embeddings
         keep cosine >= 0.999 to fp32 (measurement cached); `Clip.info` says what it chose and why.
+        "tensorrt" (CUDA, `mmfast[tensorrt]`) builds fp16 ("auto") or fp32 engines, cached per GPU.
 
     Example
     -------
     >>> clip = mmfast.load_clip("open_clip_dir")                      # doctest: +SKIP
     >>> clip.classify(["cat.jpg"], ["cat", "dog"]).argmax(-1)         # doctest: +SKIP
     """
-    from ..backends.auto import check_backend
-    check_backend(backend)
+    from ..backends.auto import resolve_backend
+    backend = resolve_backend(backend)
+    if isinstance(path, str) and path == "demo":
+        from ..demo import weights_path
+        path = weights_path("clip")
     cfg, sd = load_clip_checkpoint(path, name=name)
     model = CLIP(cfg)
     load_into(model, sd, str(path))

@@ -307,13 +307,14 @@ def _progress_bar(total: int):
 
 
 def load_generator(path, *, variant: str | None = None, device="auto", dtype="auto",
-                   vqgan="auto", backend: str = "torch") -> Generator:
+                   vqgan="auto", backend: str | None = None) -> Generator:
     """Load DALL·E mini / mega from min-dalle's files.
 
     Parameters
     ----------
     path : min-dalle's models_root (`dalle_bart_mini/`, `dalle_bart_mega/`, `vqgan/`) or a model folder
-        (`encoder.pt`, `decoder.pt`, `vocab.json`, `merges.txt`).
+        (`encoder.pt`, `decoder.pt`, `vocab.json`, `merges.txt`); "demo" for the small generator shipped
+        in the package (trained here on coloured shapes; English and Russian prompts; its VQGAN attached).
     variant : "mini" or "mega" when the models_root holds both.
     device : "auto" (CUDA when available) | "cpu" | "cuda" | torch.device.
     dtype : "auto" (fp32 on CPU, bf16 on CUDA) | "fp32" | "bf16" | "fp16" | "int8" (CPU); logits are
@@ -321,7 +322,8 @@ def load_generator(path, *, variant: str | None = None, device="auto", dtype="au
         faster, and a few greedy tokens differ from fp32's (`benchmarks/suites/dalle.py`).
     vqgan : "auto" (min-dalle's `vqgan/detoker.pt` beside the checkpoint, if any), a path for
         `mmfast.load_vq`, a loaded `mmfast.VQ`, or None (tokens only).
-    backend : "torch" | "onnxruntime" | "auto". "onnxruntime" exports the text encoder and the decode
+    backend : None (default: $MMFAST_BACKEND, else "auto") | "torch" | "onnxruntime" | "auto".
+        "onnxruntime" exports the text encoder and the decode
         step (sampling inside) once, checked against PyTorch and cached by weights, and runs them on
         ORT's CPU provider (dtype "auto"/"fp32", or "int8": ORT's dynamic int8); the loop stays
         mmfast's and the KV cache is written in place. "auto" keeps per part the faster engine whose
@@ -333,6 +335,11 @@ def load_generator(path, *, variant: str | None = None, device="auto", dtype="au
     >>> gen.generate_tokens("a watercolor fox", n=4, seed=0).shape       # doctest: +SKIP
     torch.Size([4, 256])
     """
+    from ..backends.auto import resolve_backend
+    backend = resolve_backend(backend)
+    if isinstance(path, str) and path == "demo":
+        from ..demo import weights_path
+        path = weights_path("generator")
     ckpt = load_dalle_checkpoint(path, variant)
     encoder, decoder, tokenizer = build_models(ckpt)
     gen = Generator(encoder, decoder, tokenizer, device=device, dtype=dtype, detoker_path=ckpt.detoker,

@@ -31,13 +31,14 @@ AUTO_MIN_PSNR = 40.0
 
 
 def load_vq(path, *, name: str | None = None, config=None, device="auto", dtype="auto",
-            backend: str = "torch") -> "VQ":
+            backend: str | None = None) -> "VQ":
     """Load a VQGAN: taming `.ckpt` (+ its yaml), ru-dalle's Gumbel f8, min-dalle's `detoker.pt`,
     or a state dict in taming's names with a preset `name`.
 
     Parameters
     ----------
-    path : str or Path, a checkpoint file or the folder holding it.
+    path : str or Path, a checkpoint file or the folder holding it; "demo" for the small VQGAN shipped
+        in the package (trained here on coloured shapes).
     name : preset for bare state dicts ("vqgan-f16-16384", "gumbel-f8-8192", ...).
     config : optional path of the run's yaml when it is not beside the checkpoint.
     device : "auto" | "cpu" | "cuda" | torch.device.
@@ -46,11 +47,13 @@ def load_vq(path, *, name: str | None = None, config=None, device="auto", dtype=
         when a probe decode keeps >= 40 dB PSNR to fp32 on these weights, else fp32. On CUDA the
         whole model runs in the dtype ("auto": bf16, or fp16 where bf16 is missing). GroupNorm
         statistics, attention softmax and the last convolution stay fp32 in every mode.
-    backend : "torch" | "onnxruntime" | "auto". "onnxruntime" exports the encoder (to latents; tokens
+    backend : None (default: $MMFAST_BACKEND, else "auto") | "torch" | "onnxruntime" | "tensorrt" |
+        "auto". "onnxruntime" exports the encoder (to latents; tokens
         by the same nearest-code op) and decoder once (checked against PyTorch, cached by weights)
         and runs them on ORT's CPU provider in fp32. "auto" probes both engines per part and keeps
         the fastest whose output keeps dtype="auto"'s bar (decoder PSNR >= 40 dB, encoder latents
-        within 1e-4); the measurement is cached, and `VQ.info` says what it chose and why.
+        within 1e-4); the measurement is cached, and `VQ.info` says what it chose and why. "tensorrt"
+        (CUDA, `mmfast[tensorrt]`) builds fp16 ("auto") or fp32 engines, cached per GPU.
 
     Example
     -------
@@ -58,6 +61,11 @@ def load_vq(path, *, name: str | None = None, config=None, device="auto", dtype=
     >>> tokens = vq.encode(["cat.jpg"])          # [1, 16, 16] int64
     >>> vq.to_pil(vq.decode(tokens))[0].save("cat-reconstructed.png")
     """
+    from ..backends.auto import resolve_backend
+    backend = resolve_backend(backend)
+    if isinstance(path, str) and path == "demo":
+        from ..demo import weights_path
+        path = weights_path("vq")
     cfg, sd = load_vq_checkpoint(path, name=name, config=config)
     model = VQGAN(cfg)
     load_into(model, sd, str(path))

@@ -111,7 +111,7 @@ def test_bad_input(tiny, tmp_path):
         export_generator(tiny[0], tmp_path, parts=("decoder",))
     with pytest.raises(ValueError, match="bf16 has no ONNX Runtime CPU kernels"):
         load_generator(tiny[0], device="cpu", backend="onnxruntime", dtype="bf16", vqgan=None)
-    with pytest.raises(ValueError, match="backend='tensorrt' is not supported"):
+    with pytest.raises(ValueError, match="backend='tensorrt' is not offered for the generator"):
         load_generator(tiny[0], device="cpu", backend="tensorrt", vqgan=None)
     with pytest.raises(ValueError, match="pass the checkpoint path"):              # bf16 weights
         export_generator(load_generator(tiny[0], device="cpu", dtype="bf16", vqgan=None), tmp_path)

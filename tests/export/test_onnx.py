@@ -144,7 +144,7 @@ def test_bad_input(tmp_path, tiny_clip):
         VQ(_vq_model(), device="cpu", dtype="bf16", backend="onnxruntime")
     with pytest.raises(ValueError, match="runs CLIP on CPU in fp32 or int8"):
         Clip(tiny_clip, device="cpu", dtype="bf16", backend="onnxruntime")
-    with pytest.raises(ValueError, match="backend='tensorrt' is not supported"):
+    with pytest.raises(ValueError, match="backend='tensorrt' runs the VQGAN on an NVIDIA GPU"):
         VQ(_vq_model(), device="cpu", backend="tensorrt")
 
 
