@@ -20,6 +20,7 @@ import copy
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import time
 
@@ -125,20 +126,31 @@ def _info(choice: dict, dtype_of) -> dict:
 
 # ---- CLIP ----------------------------------------------------------------------------------------------
 class _PartsClip:
-    """Routes each CLIP tower to the object that runs it (a torch CLIP or an OrtClip)."""
+    """Routes each CLIP tower call to the engine that runs it (a torch CLIP or an OrtClip): per tower a
+    list of (largest batch, engine, input dtype), the first whose bound covers the call's batch."""
 
-    def __init__(self, image, text):
+    def __init__(self, image: list, text: list):
         self.image, self.text = image, text
-        self.cfg, self.logit_scale = text.cfg, text.logit_scale
+        first = text[0][1]
+        self.cfg, self.logit_scale = first.cfg, first.logit_scale
+
+    @staticmethod
+    def _route(routes: list, n: int):
+        return next(r for r in routes if n <= r[0])
 
     def encode_image(self, pixels):
-        return self.image.encode_image(pixels)
+        _, m, dt = self._route(self.image, pixels.shape[0])
+        return m.encode_image(pixels.to(dt))
 
     def encode_text(self, ids):
-        return self.text.encode_text(ids)
+        return self._route(self.text, ids.shape[0])[1].encode_text(ids)
 
     def pool_positions(self, ids):
-        return self.text.pool_positions(ids)
+        return self.text[0][1].pool_positions(ids)
+
+
+_INPUT = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_LARGE = 8          # the second probe batch is this many times the first (2 -> 16 images, 4 -> 32 texts)
 
 
 def clip_backend(clip, model, backend: str, dtype):
@@ -184,36 +196,65 @@ def clip_backend(clip, model, backend: str, dtype):
         cands = {"torch": (name, tm), "onnxruntime fp32": ("fp32", OrtClip(model))}
         if dtype in ("auto", "int8"):
             cands["onnxruntime int8"] = ("int8", OrtClip(model, int8=True))
-        big_px, big_ids = px.repeat(2, 1, 1, 1), ids.repeat(2, 1)
         choice = {}
-        for part, x, ref, fn in (("image", big_px, ref_i, "encode_image"), ("text", big_ids, ref_t, "encode_text")):
-            fid, times = {}, {}
+        for part, x, ref, fn in (("image", px, ref_i, "encode_image"), ("text", ids, ref_t, "encode_text")):
+            fid, times, big = {}, {}, {}
+            xl = x.repeat(_LARGE, *([1] * (x.dim() - 1)))
             for c, (n, m) in cands.items():
-                inp = x.to(clip.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(n, torch.float32)) \
-                    if part == "image" else x
+                cast = (lambda t, n=n: t.to(clip.device, _INPUT.get(n, torch.float32))) if part == "image" else \
+                    (lambda t: t)
+                inp, inp_l = cast(x), cast(xl)
                 with torch.inference_mode():
-                    out = getattr(m, fn)(inp).float()
-                    fid[c] = float(F.cosine_similarity(out[: ref.shape[0]].cpu(), ref).min())
+                    fid[c] = float(F.cosine_similarity(getattr(m, fn)(inp).float().cpu(), ref).min())
                     times[c] = _timed(lambda: getattr(m, fn)(inp))
-            choice[part] = _pick(part, cands, fid, lambda v: v >= AUTO_MIN_COSINE, times)
+                    big[c] = _timed(lambda: getattr(m, fn)(inp_l), repeats=2)
+            choice[part] = _pick(f"{part}, batch {x.shape[0]}", cands, fid, lambda v: v >= AUTO_MIN_COSINE, times)
+            large = _pick(f"{part}, batch {xl.shape[0]}", cands, fid, lambda v: v >= AUTO_MIN_COSINE, big)
+            if large["choice"] != choice[part]["choice"]:     # the winner depends on the batch: route by it
+                large["from_batch"] = int(math.sqrt(x.shape[0] * xl.shape[0])) + 1
+                choice[part]["large"] = large
+                choice[part]["why"] += f"; from batch {large['from_batch']}: {large['choice']}, " + large["why"]
             choice[part]["torch_dtype"] = cands["torch"][0]
         _store(key, choice)
     else:
         for part in choice:
             choice[part]["why"] = "cached measurement: " + choice[part]["why"]
 
-    def build(c):
-        if c in cands:
-            return cands[c]
-        if c == "torch":
-            return clip._choose(copy.deepcopy(model), choice["image"]["torch_dtype"])
-        return ("int8", OrtClip(model, int8=True)) if c.endswith("int8") else ("fp32", OrtClip(model))
+    built = dict(cands)
 
-    img, txt = build(choice["image"]["choice"]), None
-    txt = img if choice["text"]["choice"] == choice["image"]["choice"] else build(choice["text"]["choice"])
-    m = img[1] if txt is img else _PartsClip(img[1], txt[1])
-    info = _info(choice, lambda p, c: (img if p == "image" else txt)[0])
-    return img[0], m, info
+    def build(c):
+        if c not in built:
+            if c == "torch":
+                built[c] = clip._choose(copy.deepcopy(model), choice["image"]["torch_dtype"])
+            else:
+                built[c] = ("int8", OrtClip(model, int8=True)) if c.endswith("int8") else ("fp32", OrtClip(model))
+        return built[c]
+
+    def routes(part):
+        c = choice[part]
+        small = build(c["choice"])
+        if "large" not in c:
+            return [(float("inf"), small[1], _INPUT.get(small[0], torch.float32))]
+        large = build(c["large"]["choice"])
+        return [(c["large"]["from_batch"] - 1, small[1], _INPUT.get(small[0], torch.float32)),
+                (float("inf"), large[1], _INPUT.get(large[0], torch.float32))]
+
+    img_r, txt_r = routes("image"), routes("text")
+    engines = {id(r[1]) for r in img_r + txt_r}
+    names = {build(choice[p][k]["choice"] if k else choice[p]["choice"])[0]
+             for p in ("image",) for k in ((None, "large") if "large" in choice[p] else (None,))}
+    if len(engines) == 1:
+        m = img_r[0][1]
+    else:
+        m = _PartsClip(img_r, txt_r)
+    info = _info(choice, lambda p, c: build(c)[0])
+    for p in ("image", "text"):
+        if "large" in choice[p]:
+            lg = choice[p]["large"]
+            info[p]["large_batch"] = {"from_batch": lg["from_batch"], "backend": lg["choice"].split()[0],
+                                      "dtype": build(lg["choice"])[0], "times_ms": lg["times_ms"]}
+    # Clip casts pixels to this dtype's type before the call; a routed image tower casts per engine
+    return (names.pop() if len(names) == 1 else "fp32"), m, info
 
 
 # ---- VQGAN ------------------------------------------------------------------------------------------------

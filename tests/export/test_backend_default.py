@@ -63,3 +63,26 @@ def test_tensorrt_backend_needs_a_gpu(tiny_clip_dir, tmp_path):
 def test_tensorrt_dtype_is_checked_before_tensorrt_is_needed():
     with pytest.raises(ValueError, match=r"dtype='int8' cannot run CLIP on TensorRT"):
         auto._tensorrt_precision("CLIP", "int8", torch.device("cuda"))
+
+
+def test_auto_routes_a_tower_by_batch_when_the_winner_depends_on_it(tiny_clip):
+    """A measurement where torch wins small batches and ONNX Runtime large ones: calls go by batch."""
+    import torch.nn.functional as F
+
+    from mmfast.backends.onnxruntime import OrtClip, weights_sha256
+    from mmfast.clip.runtime import Clip
+
+    large = {"choice": "onnxruntime fp32", "from_batch": 4, "times_ms": {}, "why": "test"}
+    choice = {"image": {"choice": "torch", "why": "test", "torch_dtype": "fp32", "large": large},
+              "text": {"choice": "torch", "why": "test", "torch_dtype": "fp32"}}
+    auto._store(auto._key("clip", weights_sha256(tiny_clip), "fp32", torch.device("cpu")), choice)
+    clip = Clip(tiny_clip, device="cpu", dtype="fp32", backend="auto")
+    ref = Clip(tiny_clip, device="cpu", dtype="fp32")
+    assert clip.info["image"]["large_batch"]["backend"] == "onnxruntime"
+    route = clip.model._route
+    assert not isinstance(route(clip.model.image, 3)[1], OrtClip)
+    assert isinstance(route(clip.model.image, 4)[1], OrtClip)
+    for n in (1, 3, 4, 9):
+        x = torch.randn(n, 3, 32, 32)
+        assert F.cosine_similarity(clip.encode_images(x), ref.encode_images(x)).min() > 0.9999
+    assert torch.equal(clip.encode_texts(["a cat", "a dog"]), ref.encode_texts(["a cat", "a dog"]))
