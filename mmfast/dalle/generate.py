@@ -73,7 +73,7 @@ def _check_number(name, value, ok, rule, integer=False):
     return value
 
 
-def _check_prompts(prompts) -> list[str]:
+def _check_prompts(prompts, cleaning: str = "min-dalle") -> list[str]:
     prompts = [prompts] if isinstance(prompts, str) else prompts
     if not isinstance(prompts, Sequence) or not prompts:
         raise ValueError(f"prompts must be a non-empty str or list of str, got {prompts!r:.80}")
@@ -82,7 +82,7 @@ def _check_prompts(prompts) -> list[str]:
             raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
         if not p.strip():
             raise ValueError(f"prompts[{i}] is empty; describe the image to generate, e.g. 'a red apple'")
-        if not clean_text(p).strip():  # min-dalle's cleaning drops every non-ASCII character
+        if cleaning == "min-dalle" and not clean_text(p).strip():  # it drops every non-ASCII character
             raise ValueError(f"prompts[{i}]={p[:40]!r} has no text left after DALL·E mini / mega's cleaning, "
                              "which keeps ASCII only (the models are English-only); write it in English")
     return list(prompts)
@@ -166,7 +166,7 @@ class Generator:
         -------
         >>> tokens = gen.generate_tokens(["a red apple", "a blue car"], n=2, seed=0)   # [4, 256]
         """
-        prompts = _check_prompts(prompts)
+        prompts = _check_prompts(prompts, getattr(self.tokenizer, "cleaning", "min-dalle"))
         cfg = self.config
         _check_number("n", n, lambda v: v >= 1, ">= 1", integer=True)
         _check_number("top_k", top_k, lambda v: 1 <= v <= cfg.codebook_size,
@@ -255,7 +255,7 @@ class Generator:
                             f"{type(rerank_with).__name__}")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
-        prompts = _check_prompts(prompts)
+        prompts = _check_prompts(prompts, getattr(self.tokenizer, "cleaning", "min-dalle"))
         count = len(prompts) * (n if isinstance(n, int) and not isinstance(n, bool) else 1)
         seeds = _image_seeds(seed, count)
         preview = None if callback is None else (lambda step, t: callback(step, self._pil(t)))

@@ -10,8 +10,8 @@ The VQGAN detokenizer is only located (`DalleCheckpoint.detoker`, or None): `mmf
 The config comes from the tensor shapes; heads are width / 64 (both released models; shapes do not
 show it). A model that differs in what the shapes cannot show (a small codebook with its own start
 token, other head counts: `mmfast.demo`'s generator) says so in `config.json`: any of `heads`,
-`codebook_size`, `start_token`, `text_pad_token`, and `vqgan`, the path (relative to the folder) of
-the VQGAN that decodes its tokens. min-dalle loads with `strict=False`; here a missing key or a
+`codebook_size`, `start_token`, `text_pad_token`, `vqgan`, the path (relative to the folder) of
+the VQGAN that decodes its tokens, and `text_cleaning` ("unicode" for vocabularies beyond ASCII). min-dalle loads with `strict=False`; here a missing key or a
 wrong shape is an error naming the key and both shapes, while extra keys are ignored with a warning.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from ..io import read_json, read_state_dict
 from .config import DalleConfig
 from .model import DalleDecoder, DalleEncoder
-from .tokenizer import DalleTokenizer
+from .tokenizer import CLEANING, DalleTokenizer
 
 _VARIANTS = {"mini": "dalle_bart_mini", "mega": "dalle_bart_mega"}
 _FILES = ("encoder.pt", "decoder.pt", "vocab.json", "merges.txt")
@@ -45,6 +45,7 @@ class DalleCheckpoint:
     merges: Path
     detoker: Path | None   # the VQGAN for mmfast.vqgan (min-dalle's vqgan/detoker.pt, or config.json's
                            # "vqgan"); None when absent
+    cleaning: str = "min-dalle"   # the tokenizer's text cleaning (config.json's text_cleaning)
 
 
 def find_model_dir(path, variant: str | None = None) -> Path:
@@ -92,9 +93,13 @@ def _read_config(model_dir: Path) -> dict:
     raw = read_json(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(_CONFIG_KEYS) - {"vqgan", "comment"})
+    unknown = sorted(set(raw) - set(_CONFIG_KEYS) - {"vqgan", "comment", "text_cleaning"})
     if unknown:
-        raise ValueError(f"{str(path)!r}: unknown keys {unknown}; allowed: {', '.join(_CONFIG_KEYS)}, vqgan")
+        raise ValueError(f"{str(path)!r}: unknown keys {unknown}; allowed: {', '.join(_CONFIG_KEYS)}, vqgan, "
+                         "text_cleaning")
+    if raw.get("text_cleaning", "min-dalle") not in CLEANING:
+        raise ValueError(f"{str(path)!r}: text_cleaning must be one of {', '.join(map(repr, CLEANING))}, got "
+                         f"{raw['text_cleaning']!r}")
     for k in _CONFIG_KEYS:
         if k in raw and (isinstance(raw[k], bool) or not isinstance(raw[k], int)):
             raise ValueError(f"{str(path)!r}: {k} must be an int, got {raw[k]!r}")
@@ -197,7 +202,8 @@ def load_dalle_checkpoint(path, variant: str | None = None) -> DalleCheckpoint:
     enc, dec = read_state_dict(enc_file), read_state_dict(dec_file)
     config = _read_config(d)
     cfg = infer_config(enc, dec, enc_file, dec_file, config)
-    return DalleCheckpoint(cfg, enc, dec, d / "vocab.json", d / "merges.txt", _find_detoker(d, config))
+    return DalleCheckpoint(cfg, enc, dec, d / "vocab.json", d / "merges.txt", _find_detoker(d, config),
+                           config.get("text_cleaning", "min-dalle"))
 
 
 def build_models(ckpt: DalleCheckpoint) -> tuple[DalleEncoder, DalleDecoder, DalleTokenizer]:
@@ -209,7 +215,7 @@ def build_models(ckpt: DalleCheckpoint) -> tuple[DalleEncoder, DalleDecoder, Dal
     load_into(enc, ckpt.encoder, _weights(ckpt.vocab.parent, "encoder"))
     load_into(dec, ckpt.decoder, _weights(ckpt.vocab.parent, "decoder"))
     tok = DalleTokenizer.from_files(ckpt.vocab, ckpt.merges, text_tokens=cfg.text_tokens,
-                                    pad_token=cfg.text_pad_token)
+                                    pad_token=cfg.text_pad_token, cleaning=ckpt.cleaning)
     # Only the specials are checked: BART's vocab.json also lists <mask> (50264), one past mini's
     # 50264 embedding rows, which no prompt can produce.
     top = max(tok.bos, tok.eos, tok.unk)

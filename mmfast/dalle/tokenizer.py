@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -49,6 +50,15 @@ def clean_text(text: str) -> str:
     return text.lower().encode("ascii", errors="ignore").decode()
 
 
+def clean_unicode(text: str) -> str:
+    """The multilingual cleaning (`cleaning="unicode"`, e.g. mmfast's English + Russian demo model):
+    Unicode NFC, lower-case; every letter kept."""
+    return unicodedata.normalize("NFC", text).lower()
+
+
+CLEANING = {"min-dalle": clean_text, "unicode": clean_unicode}
+
+
 def read_merges(path) -> list[str]:
     """merges.txt as min-dalle reads it: split at "\\n", first line (the #version header) and last dropped."""
     with open(path, encoding="utf8") as f:
@@ -64,6 +74,8 @@ class DalleTokenizer:
     merges : list of "a b" lines, as `read_merges` returns them (header already removed).
     text_tokens : row length (64 for every released model).
     pad_token : id filling the rows (min-dalle writes 1, BART's <pad>).
+    cleaning : "min-dalle" (steps 1-2 above: ASCII only, the released models) or "unicode" (NFC,
+        lower-case, every letter kept: vocabularies learned on other scripts, e.g. Russian).
 
     Example
     -------
@@ -72,7 +84,11 @@ class DalleTokenizer:
     torch.Size([1, 2, 64])
     """
 
-    def __init__(self, vocab: dict, merges: list[str], *, text_tokens: int = 64, pad_token: int = 1):
+    def __init__(self, vocab: dict, merges: list[str], *, text_tokens: int = 64, pad_token: int = 1,
+                 cleaning: str = "min-dalle"):
+        if cleaning not in CLEANING:
+            raise ValueError(f"cleaning must be one of {', '.join(map(repr, CLEANING))}, got {cleaning!r}")
+        self.cleaning, self._clean = cleaning, CLEANING[cleaning]
         for name in ("<s>", "</s>", "<unk>"):
             if name not in vocab:
                 raise ValueError(f"vocab has no {name!r} token; is it min-dalle's BART vocab.json?")
@@ -128,7 +144,7 @@ class DalleTokenizer:
         """min-dalle's `TextTokenizer.tokenize`: `[<s>, ids..., </s>]`, not truncated."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        words = [w for w in clean_text(text).split(" ") if w]
+        words = [w for w in self._clean(text).split(" ") if w]
         return [self.bos] + self._words(words) + [self.eos]
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:

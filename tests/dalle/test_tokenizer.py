@@ -85,3 +85,19 @@ def test_rows_match_min_dalle(pair):
 def test_unknown_vocab_is_rejected():
     with pytest.raises(ValueError, match="'<unk>'"):
         DalleTokenizer({"<s>": 0, "</s>": 2}, [])
+
+
+def test_unicode_cleaning_keeps_other_scripts():
+    from mmfast.dalle.tokenizer import DalleTokenizer
+    space = chr(ord(" ") + 256)
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for ch in [space] + list("abcdefghijklmnopqrstuvwxyzабвгдеёжзийклмнопрстуфхцчшщъыьэюя"):
+        vocab[ch] = len(vocab)
+    uni = DalleTokenizer(vocab, [], cleaning="unicode")
+    ids = uni.tokenize("Синий КВАДРАТ")
+    assert ids[0] == 0 and ids[-1] == 2 and 3 not in ids and len(ids) == 2 + 2 + 5 + 7   # Ġ + letters per word
+    assert DalleTokenizer(vocab, []).tokenize("Синий квадрат") == [0, 2]                # min-dalle's: ASCII only
+    assert uni.tokenize("Ёж") == uni.tokenize("Ё".lower() + "ж")                      # NFC, lower-case
+    import pytest
+    with pytest.raises(ValueError, match="cleaning must be one of"):
+        DalleTokenizer(vocab, [], cleaning="ascii")
