@@ -1,4 +1,4 @@
-"""`mmfast ...` / `python -m mmfast ...`: info, classify, embed, vq encode / decode, generate, export."""
+"""`mmfast ...` / `python -m mmfast ...`: demo, info, classify, embed, vq encode / decode, generate, export."""
 from __future__ import annotations
 
 import argparse
@@ -124,6 +124,14 @@ def _generate(args) -> None:
     print(f"wrote {len(images)} image(s), {args.n} per prompt, to {out}")
 
 
+def _demo(args) -> None:
+    from .demo.run import run
+    report = run(args.prompt, out=args.out, n=args.n, seed=args.seed, backend=args.backend,
+                 print_fn=(lambda *a: None) if args.json else print)
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+
+
 def _export_onnx(args) -> None:
     from .export.onnx import export
     parts = [q for p in args.parts or [] for q in p.split(",") if q] or None
@@ -234,6 +242,17 @@ def main(argv=None) -> None:
     p.add_argument("--progress", action="store_true")
     p.add_argument("--out", required=True, help="grid.png")
     p.set_defaults(fn=_generate)
+
+    p = sub.add_parser("demo", help="the built-in demo models end to end, offline: English / Russian text -> images "
+                       "-> CLIP rerank -> PNG grid; zero-shot classification; gallery search")
+    p.add_argument("--prompt", action="append", help="a prompt in English or Russian, repeatable (default: four "
+                   "built-in ones), e.g. --prompt 'синий квадрат справа'")
+    p.add_argument("-n", type=int, default=4, help="images per prompt, reranked by the demo CLIP (1..16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="mmfast-demo.png", help="the PNG grid (default: mmfast-demo.png)")
+    backend_arg(p, choices=["torch", "onnxruntime", "auto"])
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of lines")
+    p.set_defaults(fn=_demo)
 
     # one subcommand per export target: `mmfast export <target> PATH --out DIR ...`
     p = sub.add_parser("export", help="export model parts (ONNX, NVIDIA Triton Inference Server repository)")
