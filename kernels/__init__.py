@@ -77,7 +77,10 @@ def _check_similarity(fn, queries, gallery, scale, gallery_scale):
     if not bool(torch.isfinite(queries).all()):
         raise ValueError(f"{fn}: queries contain NaN or inf; drop or fix those rows first")
     if scale is not None:
-        scale = float(scale)  # also takes CLIP's 0-d logit_scale tensor
+        try:
+            scale = float(scale)  # also takes CLIP's 0-d logit_scale tensor
+        except (TypeError, ValueError, RuntimeError):  # a string, a list, a tensor of several values
+            raise TypeError(f"{fn}: scale must be a number or a 0-d tensor, got {type(scale).__name__}") from None
         if scale != scale or scale in (float("inf"), float("-inf")):
             raise ValueError(f"{fn}: scale must be finite, got {scale}")
     return scale
@@ -134,6 +137,9 @@ def similarity_prefilter(gallery, *, chunk=65536):
         raise TypeError(f"similarity_prefilter: gallery must be a 2-D float16 or bfloat16 tensor, got "
                         f"{gallery.dtype} of shape {tuple(gallery.shape)}; other dtypes gain nothing from it")
     n, d = gallery.shape
+    if d == 0:
+        raise ValueError(f"similarity_prefilter: gallery rows are empty (shape {tuple(gallery.shape)}); "
+                         "embeddings need a dimension >= 1")
     codes = torch.empty(n, d, dtype=torch.int8, device=gallery.device)
     code_scale = torch.empty(n, dtype=torch.float32, device=gallery.device)
     code_err = torch.empty(n, dtype=torch.float32, device=gallery.device)
@@ -377,7 +383,7 @@ def _check_decode_attention(q, k_cache, v_cache, lengths, scale, check_lengths):
         raise ValueError(f"{fn}: q is [B, H, D] = {tuple(q.shape)} but the caches are [B, H, T, D] = "
                          f"{tuple(k_cache.shape)}; B, H and D must match (repeat grouped K/V heads first)")
     if D == 0 or k_cache.shape[2] == 0:
-        raise ValueError(f"{fn}: head dim D and cache length T must be >= 1, got caches of shape "
+        raise ValueError(f"{fn}: k_cache and v_cache: head dim D and cache length T must be >= 1, got shape "
                          f"{tuple(k_cache.shape)}")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype not in _ATTN_DTYPES:
@@ -407,7 +413,10 @@ def _check_decode_attention(q, k_cache, v_cache, lengths, scale, check_lengths):
                 f"allocate the cache at the final length (T >= {n}) or stop decoding at T"
             raise ValueError(f"{fn}: lengths must lie in [1, T={T}] (row b attends to cache positions "
                              f"[0, lengths[b])), got lengths[{b}] = {n}; {fix}")
-    scale = D ** -0.5 if scale is None else float(scale)
+    try:
+        scale = D ** -0.5 if scale is None else float(scale)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{fn}: scale must be a number or None (D**-0.5), got {type(scale).__name__}") from None
     if scale != scale or scale in (float("inf"), float("-inf")):
         raise ValueError(f"{fn}: scale must be finite, got {scale}; leave it None for D**-0.5")
     return scale
@@ -506,6 +515,9 @@ def _check_group_norm(x, weight, bias, groups, out_dtype, inplace):
     C = x.shape[1]
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or C % groups:
         raise ValueError(f"{fn}: groups must be a positive int dividing the {C} channels, got {groups!r}")
+    if x.numel() and C // groups * x.shape[2] * x.shape[3] < 2:  # torch's group_norm refuses it too
+        raise ValueError(f"{fn}: x of shape {tuple(x.shape)} with groups={groups} has one value per group; "
+                         "its variance is undefined, use fewer groups")
     for name, t in (("weight", weight), ("bias", bias)):
         if tuple(t.shape) != (C,) or not t.is_floating_point() or t.device != x.device:
             raise ValueError(f"{fn}: {name} must be a float tensor of shape ({C},) on {x.device} (one value "

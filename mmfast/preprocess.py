@@ -39,6 +39,7 @@ _HF_RESAMPLE = {int(f): name for name, f in _FILTERS.items()}
 _RESIZE_MODES = ("shortest", "longest", "squash")
 _PATH_TYPES = (str, os.PathLike)
 _SINGLE_ARRAY_NDIM = (2, 3)  # one image; a 4-D array/tensor is a batch
+_MAX_RESIZED_PIXELS = 2 ** 22  # larger resize results (aspect > ~80:1 at 224) are cut to the crop first
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -212,15 +213,21 @@ class ImagePreprocessor:
     def _resize_crop(self, im: Image.Image, index: int) -> np.ndarray:
         S = self.image_size
         size = self._resize_size(*im.size)
-        if size != im.size:
-            im = im.resize(size, _FILTERS[self.interpolation])
-        im = _center_crop_or_pad(im, S, self.fill_color, self.crop_offset == "floor")
-        if im.mode != "RGB":
-            try:
+        try:
+            if size[0] * size[1] > max(_MAX_RESIZED_PIXELS, 64 * S * S):
+                # An absurd aspect ratio (30000 x 1) would resize to gigabytes before the crop: resize the
+                # part the crop keeps only (Pillow's box), within a few levels of the full resize.
+                im = im.resize((S, S), _FILTERS[self.interpolation], box=_crop_box(im.size, size, S,
+                                                                                   self.crop_offset == "floor"))
+            elif size != im.size:
+                im = im.resize(size, _FILTERS[self.interpolation])
+            im = _center_crop_or_pad(im, S, self.fill_color, self.crop_offset == "floor")
+            if im.mode != "RGB":
                 im = im.convert("RGB")
-            except ValueError as e:
-                raise ValueError(f"images[{index}]: cannot convert a {im.mode!r} image to RGB ({e})") from e
-        return np.asarray(im)
+            return np.asarray(im)
+        except (ValueError, OSError, MemoryError) as e:  # modes Pillow cannot resize or convert (HSV, F, ...)
+            raise ValueError(f"images[{index}]: cannot turn a {im.mode!r} image of size {im.size} into RGB "
+                             f"pixels ({type(e).__name__}: {e})") from e
 
     def _normalize(self, batch: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         # The same ops as ToTensor + Normalize (x / 255 - mean) / std, so results match bit for bit.
@@ -234,6 +241,13 @@ class ImagePreprocessor:
         mean = torch.tensor(self.mean, dtype=torch.float32, device=out.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=out.device).view(1, 3, 1, 1)
         return out.div_(255).sub_(mean).div_(std)
+
+
+def _crop_box(src: tuple[int, int], resized: tuple[int, int], S: int, floor: bool) -> tuple[float, ...]:
+    """The source rectangle that the centre S x S crop of `src` resized to `resized` shows."""
+    (w, h), (W, H) = src, resized
+    top, left = ((H - S) // 2, (W - S) // 2) if floor else (int(round((H - S) / 2.0)), int(round((W - S) / 2.0)))
+    return left * w / W, top * h / H, (left + S) * w / W, (top + S) * h / H
 
 
 def _center_crop_or_pad(im: Image.Image, S: int, fill: int, floor: bool) -> Image.Image:
@@ -280,6 +294,10 @@ def _as_items(images) -> list:
 
 def _to_pil(item, index: int, draft) -> Image.Image:
     if isinstance(item, Image.Image):
+        try:
+            item.load()  # a lazily opened file decodes here: a truncated one fails with its index
+        except Exception as e:  # noqa: BLE001 - OSError, SyntaxError, struct.error, ...: Pillow's decoders
+            raise ValueError(f"images[{index}]: cannot decode this PIL image: {type(e).__name__}: {e}") from e
         return _from_16bit(item) if item.mode.startswith("I;16") else item
     if isinstance(item, (_PATH_TYPES, bytes)):
         return _open(item, index, draft)
@@ -295,10 +313,15 @@ def _open(src, index: int, draft) -> Image.Image:
     where = f"images[{index}] ({os.fspath(src)!r})" if isinstance(src, _PATH_TYPES) else f"images[{index}] (bytes)"
     try:
         im = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and im.size[0] * im.size[1] > limit:  # Pillow only warns below twice its limit
+            raise ValueError(f"its header claims {im.size[0]} x {im.size[1]} pixels, more than PIL.Image."
+                             f"MAX_IMAGE_PIXELS = {limit} (a decompression bomb?); raise that limit to read it")
         if draft is not None and im.format == "JPEG":
             im.draft(im.mode, draft(*im.size))  # decodes at >= the size the resize produces
         im.load()  # decode now, in this worker thread, so errors surface with their index
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Exception as e:  # noqa: BLE001 - OSError, SyntaxError, DecompressionBombError, struct.error, ...:
+        # whatever Pillow's decoders raise on hostile bytes, the image cannot be read
         raise ValueError(f"{where}: cannot read image: {type(e).__name__}: {e}") from e
     return _from_16bit(im) if im.mode.startswith("I;16") else im
 

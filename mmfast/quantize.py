@@ -43,6 +43,8 @@ def resolve_device(device) -> torch.device:
         d = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device={device!r} is not a device; use 'auto', 'cpu' or 'cuda'") from None
+    if d.type not in ("cpu", "cuda"):  # "meta", "xpu", ...: models would be moved there, then fail on first use
+        raise ValueError(f"device={device!r} is not supported; use 'auto', 'cpu' or 'cuda'")
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA GPU is visible; use device='cpu' or 'auto'")
     return d

@@ -24,6 +24,7 @@ _common = dict(deadline=None, database=None, print_blob=True, derandomize=True,
                suppress_health_check=list(HealthCheck))
 settings.register_profile("ci", max_examples=EXAMPLES["ci"], **_common)
 settings.register_profile("long", max_examples=EXAMPLES["long"], **_common)
+settings.register_profile("dev", max_examples=100, **_common)  # a quick look while writing a fuzzer
 settings.load_profile(PROFILE)
 
 _RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "fuzz-cpu.jsonl"

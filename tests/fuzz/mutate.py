@@ -147,8 +147,8 @@ def pil_image(mode: str, size, seed: int) -> Image.Image:
     w, h = size
     rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
     if mode in ("I;16", "I;16B", "I;16L"):
-        return Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16), "I;16").convert(mode) \
-            if mode != "I;16" else Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16), "I;16")
+        a = rng.integers(0, 65536, (h, w), dtype=np.uint16).astype(">u2" if mode == "I;16B" else "<u2")
+        return Image.frombytes(mode, (w, h), a.tobytes())
     if mode == "F":
         return Image.fromarray(rng.random((h, w), dtype=np.float32), "F")
     if mode == "I":

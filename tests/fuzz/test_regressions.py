@@ -142,3 +142,84 @@ def test_dalle_tokenizer_files_that_are_not_text_or_not_ids(tmp_path):
     (tmp_path / "vocab.json").write_text(json.dumps({"a": 4}))
     with pytest.raises(ValueError, match="vocab.json .* no '<s>' token"):
         DalleTokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+
+
+# ---------------------------------------------------------------- kernels: every refusal names its argument
+
+def test_kernel_scales_that_are_not_numbers_name_scale():
+    from mmfast import kernels
+
+    q, g = torch.randn(2, 4), torch.nn.functional.normalize(torch.randn(5, 4), dim=-1)
+    for fn in (lambda: kernels.similarity_topk(q, g, 2, scale="x"), lambda: kernels.similarity(q, g, scale=[1.0])):
+        with pytest.raises(TypeError, match="scale must be a number"):
+            fn()
+    k = torch.randn(1, 1, 3, 4)
+    with pytest.raises(TypeError, match="decode_attention: scale must be a number"):
+        kernels.decode_attention(torch.randn(1, 1, 4), k, k, torch.tensor([2]), scale="x")
+    with pytest.raises(ValueError, match="k_cache and v_cache: head dim D and cache length T must be >= 1"):
+        kernels.decode_attention(torch.randn(1, 1, 0), k[..., :0], k[..., :0], torch.tensor([2]))
+
+
+def test_prefilter_of_empty_rows_and_group_norm_of_single_values():
+    from mmfast import kernels
+
+    with pytest.raises(ValueError, match="similarity_prefilter: gallery rows are empty"):
+        kernels.similarity_prefilter(torch.zeros(3, 0, dtype=torch.float16))
+    x = torch.randn(1, 4, 1, 1)
+    with pytest.raises(ValueError, match="group_norm_silu: .* one value per group"):
+        kernels.group_norm_silu(x, torch.ones(4), torch.zeros(4), groups=4)
+    assert kernels.group_norm_silu(x, torch.ones(4), torch.zeros(4), groups=2).shape == x.shape
+
+
+# ---------------------------------------------------------------- images and devices
+
+def test_extreme_aspect_ratio_does_not_resize_to_gigabytes():
+    from PIL import Image
+
+    from mmfast.preprocess import ImagePreprocessor
+
+    pre = ImagePreprocessor(image_size=224)       # 40000 x 1 would resize to 8,960,000 x 224 (2 GB RGB) first
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1, 40000, 3), dtype=np.uint8))
+    assert pre(im).shape == (1, 3, 224, 224)
+    small = ImagePreprocessor(image_size=16)      # a size whose full resize the test can afford: within 2 levels
+    w = 30000
+    big = im.resize((w, 1))
+    want = np.asarray(big.resize((16 * w, 16), Image.Resampling.BICUBIC).crop((8 * w - 8, 0, 8 * w + 8, 16)))
+    got = small(big).mul(torch.tensor(small.std)[:, None, None]).add(torch.tensor(small.mean)[:, None, None])
+    got = got.mul(255).round()[0].permute(1, 2, 0).numpy()
+    assert np.abs(got - want).max() <= 2
+
+
+def test_decompression_bomb_headers_and_truncated_lazy_images_are_value_errors():
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from mmfast.preprocess import ImagePreprocessor
+
+    def png(w, h, body=b""):
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + \
+            chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+    pre = ImagePreprocessor(image_size=16)
+    for w, h in [(100000, 100000), (10000, 10000)]:   # Pillow refuses the first, only warns about the second
+        with pytest.raises(ValueError, match="images\\[0\\] \\(bytes\\): cannot read image: .*MAX_IMAGE_PIXELS|"
+                                             "images\\[0\\] \\(bytes\\): cannot read image: DecompressionBomb"):
+            pre(png(w, h))
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, format="PNG")
+    lazy = Image.open(io.BytesIO(buf.getvalue()[:80]))   # the header reads; the pixels do not
+    with pytest.raises(ValueError, match="images\\[0\\]: cannot decode this PIL image"):
+        pre([lazy])
+
+
+def test_devices_torch_cannot_run_models_on_are_refused():
+    from mmfast.quantize import resolve_device
+
+    for device in ("meta", "xpu"):
+        with pytest.raises(ValueError, match=f"device='{device}' is not supported"):
+            resolve_device(device)
