@@ -36,6 +36,17 @@ def _info(args) -> None:
     print(json.dumps(out, indent=2, ensure_ascii=False))
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of counts such as --top: an int >= 1, else a usage error naming the value."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {v}")
+    return v
+
+
 def _classify(args) -> None:
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     if not labels:
@@ -188,7 +199,7 @@ def main(argv=None) -> None:
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument("--labels", required=True, help="comma-separated class names")
     p.add_argument("--template", action="append", help="prompt template with {} (repeatable)")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=_positive_int, default=5, help="labels shown per image (>= 1)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_classify)
     p = sub.add_parser("embed", help="write L2-normalised embeddings of images or texts")

@@ -39,9 +39,8 @@ def decode_step(decoder: DalleDecoder, prev, pos, k_cache, v_cache, cross_k, cro
 
 
 def _device(device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    from ..quantize import resolve_device   # "auto", or a usable cpu / cuda device; anything else named
+    return resolve_device(device)
 
 
 def _mode(dtype, device: torch.device) -> tuple[str, torch.dtype]:

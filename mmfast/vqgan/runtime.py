@@ -224,7 +224,17 @@ class VQ:
 
     def check_tokens(self, tokens) -> torch.Tensor:
         """Validate and normalise tokens to an int64 [B, h, w] CPU tensor (see `decode`)."""
-        t = torch.as_tensor(np.asarray(tokens)) if not isinstance(tokens, torch.Tensor) else tokens
+        if not isinstance(tokens, torch.Tensor):
+            try:
+                arr = np.asarray(tokens)
+            except (ValueError, TypeError) as e:   # ragged nested lists, objects numpy cannot hold
+                raise TypeError(f"tokens must be a rectangular array of integer codebook ids ({e})") from None
+            if arr.dtype.kind not in "iub":          # strings, objects, None, dates, ...: never ids
+                raise TypeError(f"tokens must be integers (int64 codebook ids), got a numpy {arr.dtype} array"
+                                f" from {type(tokens).__name__}")
+            t = torch.as_tensor(arr if arr.dtype.kind != "u" or arr.dtype.itemsize < 8 else arr.astype(np.int64))
+        else:
+            t = tokens
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"tokens must be integers (int64 codebook ids), got {t.dtype}")
         if t.dim() in (1, 2):                        # flat sequences: [n] or [B, n], n = side^2

@@ -60,7 +60,7 @@ def _args(draw, d, models):
     if cmd == "classify":
         return ["classify", path(models["clip"]), *images(), "--labels",
                 draw(st.sampled_from(["cat,dog", "cat", ",,,", "", "кошка,собака"])), "--top",
-                draw(st.sampled_from(["1", "5", "0", "x"])), "--dtype", dtype(), "--device", device(),  # -1: known
+                draw(st.sampled_from(["1", "5", "0", "-1", "x"])), "--dtype", dtype(), "--device", device(),
                 *draw(st.sampled_from([[], ["--json"], ["--template", "a {}"], ["--template", "no braces"]]))]
     if cmd == "embed":
         what = draw(st.sampled_from([["--images", *images()], ["--texts", "a cat", ""], ["--texts-file",
@@ -83,7 +83,7 @@ def _args(draw, d, models):
                 "-n", draw(st.sampled_from(["1", "2", "0", "-1", "x"])), "--seed", draw(st.sampled_from(["0", "-5", "x"])),
                 "--top-k", draw(st.sampled_from(["4", "0", "99999"])), "--temperature",
                 draw(st.sampled_from(["1", "0", "nan", "-1"])), "--out", out(".png"), "--dtype", dtype(),
-                "--device", "cpu"]  # other devices: test_cli_generate_device_known_issue
+                "--device", device()]
     if cmd == "export":
         return ["export", draw(st.sampled_from(["onnx", "triton-repo", "tflite"])), str(d / "missing"), "--out",
                 str(d / "export_out"), *draw(st.sampled_from([[], ["--family", "clip"], ["--family", "x"]]))]
@@ -140,24 +140,20 @@ def test_cli_real_process(world, argv, code):
         assert p.stderr.strip(), "an error exit says why"
 
 
-@pytest.mark.xfail(strict=True, reason="`mmfast classify --top -1` reaches torch.topk(-1) (mmfast/cli.py, not "
-                   "this issue's files): a raw RuntimeError instead of a usage error; reported")
-def test_cli_classify_negative_top_known_issue(world):
+def test_cli_classify_negative_top(world):
     d, models = world
     argv = ["classify", str(models["clip"]), str(d / "a.png"), "--labels", "cat,dog", "--top", "-1", "--dtype", "fp32",
             "--device", "cpu"]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        run_case("cli.main (classify --top -1: known issue)", lambda: main(argv), names=["mmfast"],
+        run_case("cli.main (classify --top -1)", lambda: main(argv), names=["mmfast"],
                  allow=[(SystemExit, _documented_exit)])
 
 
-@pytest.mark.xfail(strict=True, reason="load_generator's device check (mmfast/dalle/generate.py _device, not this "
-                   "issue's files) lets 'cuda' on a CPU-only torch and unknown device strings through to torch; reported")
 @given(device=st.sampled_from(["cuda", "tpu", "", "meta", "cuda:7"]))
-def test_cli_generate_device_known_issue(world, device):
+def test_cli_generate_device(world, device):
     d, models = world
     argv = ["generate", "a cat", "--model", str(models["dalle"]), "--vqgan", "none", "--device", device, "--out",
             str(d / "out" / "g.png")]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        run_case("cli.main (generate --device: known issue)", lambda: main(argv), names=["mmfast"],
+        run_case("cli.main (generate --device)", lambda: main(argv), names=["mmfast"],
                  allow=[(SystemExit, _documented_exit)])
