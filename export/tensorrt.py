@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -117,10 +116,8 @@ def gpu_capability(device=None) -> str:
 
 # ---- building ---------------------------------------------------------------------------------------
 def _write(path: Path, data) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(memoryview(data))
-    os.replace(tmp, path)  # readers never see half a plan
+    from mmfast._atomic import atomic_write
+    atomic_write(path, memoryview(data))  # readers never see half a plan; a killed build leaves no file
 
 
 def _set_timing_cache(config, path: Path | None) -> None:
@@ -216,7 +213,7 @@ def cached_engine(onnx_path, cache_dir, profiles: dict, *, precision: str = "fp3
                    timing_cache=cache_dir / f"timing-{trt.__version__}-{gpu}.cache")
         meta = {"onnx": str(onnx_path), "tensorrt": trt.__version__, "gpu": gpu, "precision": precision,
                 "profiles": {k: [list(s) for s in v] for k, v in profiles.items()}, "key": key}
-        plan.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+        _write(plan.with_suffix(".json"), json.dumps(meta, indent=1).encode())
         engine = _deserialize(runtime, plan)
     if engine is None:
         raise RuntimeError(f"TensorRT {trt.__version__} cannot deserialize the plan it just built: {plan}")

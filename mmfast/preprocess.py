@@ -5,8 +5,11 @@ longer side `int(S * long / short)`, PIL bicubic, skipped when the size already 
 `CenterCrop(S)` (offsets `round((n - S) / 2)`, Python's round), `convert("RGB")`, `ToTensor`,
 `Normalize`. The resize happens *before* the RGB conversion, in the image's own mode, so we keep
 that order: RGBA is resized premultiplied, palette ("P") and 1-bit images are resized with
-nearest (a Pillow rule), exactly like the reference. One deliberate difference: 16-bit images
-("I;16*" modes, uint16 arrays) are scaled to 8 bits first; the reference clips them at 255.
+nearest (a Pillow rule), exactly like the reference. Deliberate differences: 16-bit images
+("I;16*" modes, uint16 arrays) are scaled to 8 bits first (the reference clips them at 255); an image
+whose resize would exceed 2**22 pixels (aspect beyond ~80:1 at 224) resizes only the part the crop keeps,
+within a few levels of the reference, instead of allocating gigabytes; and files whose header claims
+more than `PIL.Image.MAX_IMAGE_PIXELS` pixels are refused before decoding (decompression bombs).
 
 Speed comes from doing the per-image work (decode, resize, crop) in a small thread pool (Pillow
 releases the GIL) straight into one uint8 batch, and normalising the batch in one torch op.

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmfast._atomic import atomic_write, replace_with_sidecar, staging_dir
 from mmfast.export.onnx_common import ort_import
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
@@ -116,7 +116,7 @@ class OrtSession:
             so.optimized_model_filepath = str(target)
             if Path(str(self.path) + ".data").exists():  # > 2 GB: the optimized graph needs external data too
                 so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                            target.name.replace(".tmp", "") + ".data")
+                                            target.name + ".data")
                 so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         return ort.InferenceSession(str(self.path), so, providers=self.providers)
 
@@ -148,12 +148,11 @@ class OrtSession:
             self.cache_status = "rebuilt"
         else:
             self.cache_status = "built"
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cache_dir / f"{self.path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.onnx"
-            session = self._build(tmp)
-            os.replace(tmp, opt)                     # atomic: a reader never sees half a file
-            meta.write_text(json.dumps(key, indent=1))
+        try:  # atomic: a reader never sees half a graph; the key is written once the graph is in place
+            with staging_dir(cache_dir, opt.name) as stage:
+                session = self._build(stage / opt.name)
+                replace_with_sidecar(stage / opt.name, opt)
+            atomic_write(meta, json.dumps(key, indent=1))
         except OSError as e:                         # a read-only model folder: run without the cache
             warnings.warn(f"mmfast: cannot write the ONNX Runtime cache in {cache_dir} ({e}); not caching",
                           stacklevel=3)
@@ -223,13 +222,10 @@ def exported(family: str, modules: tuple, parts: tuple, *, fp16: bool = False, c
             src = modules[0] if len(modules) == 1 else tuple(modules)
             fn = {"clip": onnx_export.export_clip, "vq": onnx_export.export_vq,
                   "dalle": onnx_export.export_generator}[family]
-            d.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=d.parent, prefix=".export-") as tmp:
+            with staging_dir(d.parent, d.name) as tmp:  # a part's file appears only once it is complete
                 for part, p in fn(src, tmp, parts=todo, fp16=fp16).items():
                     d.mkdir(parents=True, exist_ok=True)
-                    for f in (p, Path(str(p) + ".data")):
-                        if f.exists():
-                            os.replace(f, d / f.name)
+                    replace_with_sidecar(p, d / Path(p).name)
     return names
 
 
@@ -244,16 +240,17 @@ def quantized(path: Path, op_types=None) -> Path:
     src = file_sha256(path)
     if q.exists() and stamp.exists() and json.loads(stamp.read_text()).get("source_sha256") == src:
         return q
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), staging_dir(q.parent, q.name) as stage:
         warnings.simplefilter("ignore")
         logging.disable(logging.WARNING)        # the quantizer's root-logger advice on pre-processing
         try:
-            quantize_dynamic(str(path), str(q), weight_type=QuantType.QInt8, per_channel=True,
+            quantize_dynamic(str(path), str(stage / q.name), weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=op_types,
                              use_external_data_format=Path(str(path) + ".data").exists())
         finally:
             logging.disable(logging.NOTSET)
-    stamp.write_text(json.dumps({"source_sha256": src}))
+        replace_with_sidecar(stage / q.name, q)    # the graph moves last: a reader never sees half of one
+    atomic_write(stamp, json.dumps({"source_sha256": src}))
     return q
 
 
