@@ -150,9 +150,10 @@ def detect_family(src) -> str:
     if not p.exists():
         raise FileNotFoundError(f"export: {str(p)!r} does not exist")
     names = {q.name for q in p.iterdir()} if p.is_dir() else {p.name}
-    if {"encoder.pt", "decoder.pt"} <= names or any(n.startswith("dalle_bart_") for n in names):
+    if (any(n in names for n in ("encoder.pt", "encoder.safetensors"))
+            and any(n in names for n in ("decoder.pt", "decoder.safetensors"))) or any(n.startswith("dalle_bart_") for n in names):
         return "dalle"
-    if p.suffix in (".ckpt", ".yaml") or p.name == "detoker.pt" or names & {"detoker.pt", "vqgan", "ckpts",
+    if p.suffix in (".ckpt", ".yaml") or p.name == "detoker.pt" or names & {"detoker.pt", "vqgan", "ckpts", "model.yaml",
                                                                              "checkpoints", "last.ckpt"}:
         return "vq"
     return "clip"

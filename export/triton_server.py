@@ -24,8 +24,9 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from mmfast._atomic import atomic_write, replace_dir, staging_dir, sweep
 
 from .graph import Tensor, check_onnx, onnx_config, signature, weight_dtypes
 from .tensorrt import optimization_profiles
@@ -94,21 +95,23 @@ def _batched(sig) -> bool:
 
 
 class _Repo:
-    """Writes models into one repository folder and remembers what it wrote."""
+    """Writes models into one repository folder and remembers what it wrote. Each model is built in a
+    hidden staging folder and moved into the repository by `finish` (an atomic swap where the kernel
+    has one): a server polling the repository never loads a half-written model, and a failed or killed
+    export leaves the models that were there."""
 
-    def __init__(self, out: Path, backends, max_batch_size, queue_delay_us, instances, device, fp16):
-        self.out, self.backends, self.fp16 = out, backends, fp16
+    def __init__(self, out: Path, stage: Path, backends, max_batch_size, queue_delay_us, instances, device, fp16):
+        self.out, self.stage, self.backends, self.fp16 = out, stage, backends, fp16
         self.max_batch, self.delay, self.instances, self.device = max_batch_size, queue_delay_us, instances, device
         self.models: dict[str, Path] = {}
         self.trtexec: list[str] = []
 
     def _model_dir(self, name: str, config: dict) -> Path:
-        d = self.out / name
-        if d.exists():
-            shutil.rmtree(d)  # overwrite=True: this model is replaced, the rest of the folder is kept
+        """The staging folder of model `name` (its repository folder is `self.models[name]`)."""
+        d = self.stage / name
         (d / "1").mkdir(parents=True)
         (d / "config.pbtxt").write_text(to_pbtxt({"name": name, **config}) + "\n", encoding="utf-8")
-        self.models[name] = d
+        self.models[name] = self.out / name
         return d
 
     def _scheduling(self, kind: str) -> dict:
@@ -144,7 +147,7 @@ class _Repo:
             build_plan(version_dir / "model.onnx", version_dir / "model.plan", profiles,
                        precision="fp16" if fp16 else "fp32", timing_cache=self.out / "timing.cache")
             return
-        rel = version_dir.relative_to(self.out)
+        rel = version_dir.relative_to(self.stage)
         shapes = {k: ",".join(f"{n}:{'x'.join(map(str, s[i]))}" for n, s in profiles.items())
                   for k, i in (("min", 0), ("opt", 1), ("max", 2))}
         self.trtexec.append(f'"$TRTEXEC" --onnx={rel}/model.onnx --saveEngine={rel}/model.plan '
@@ -171,14 +174,18 @@ class _Repo:
         self._model_dir(name, config)
 
     def finish(self) -> None:
+        """Move every staged model into the repository (overwrite=True: a model replaced, the rest of
+        the folder kept), then write the build script and README."""
+        for name, final in self.models.items():
+            replace_dir(self.stage / name, final)
         if self.trtexec:
             script = self.out / "build_trt_plans.sh"
             head = ("#!/bin/sh\n# Builds the TensorRT plans on the serving GPU (a plan runs only on the GPU model\n"
                     "# and TensorRT version that built it). Run once before starting tritonserver.\n"
                     'set -e\ncd "$(dirname "$0")"\nTRTEXEC="${TRTEXEC:-trtexec}"\n')
-            script.write_text(head + "\n".join(self.trtexec) + "\n", encoding="utf-8")
+            atomic_write(script, head + "\n".join(self.trtexec) + "\n")
             script.chmod(0o755)
-        (self.out / "README.md").write_text(_readme(self), encoding="utf-8")
+        atomic_write(self.out / "README.md", _readme(self))
 
 
 def _has_cuda() -> bool:
@@ -271,12 +278,13 @@ def _vq(repo: _Repo, source, tmp: Path) -> None:
 
 
 def _generator(repo: _Repo, source, tmp: Path) -> None:
-    from mmfast.dalle.load import _find_detoker, find_model_dir
+    from mmfast.dalle.load import _find_detoker, _read_config, _weights, find_model_dir
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError("the generator is served from its files: pass min-dalle's folder (models_root or "
                         f"dalle_bart_mini/), not a loaded {type(source).__name__}")
     model_dir = find_model_dir(source)
-    detoker = _find_detoker(model_dir)
+    config = _read_config(model_dir)
+    detoker = _find_detoker(model_dir, config)
     inputs = [_io("prompt", "TYPE_STRING", [1])] + [
         {**_io(n, t, [1]), "optional": True} for n, t in (("seed", "TYPE_INT64"), ("top_k", "TYPE_INT64"),
                                                           ("top_p", "TYPE_FP32"), ("temperature", "TYPE_FP32"),
@@ -284,10 +292,20 @@ def _generator(repo: _Repo, source, tmp: Path) -> None:
     outputs = [_io("tokens", "TYPE_INT64", [-1])] + ([_io("image", "TYPE_UINT8", [-1, -1, 3])] if detoker else [])
     d = repo.python_model("dalle_generate", "dalle_generate.py", inputs, outputs, {"dtype": "auto"},
                           "mmfast_dalle.json", gpu=repo.device == "gpu")
-    for f in ("encoder.pt", "decoder.pt", "vocab.json", "merges.txt"):
-        _link_or_copy(model_dir / f, d / "1" / "dalle" / f)
-    if detoker:
-        _link_or_copy(detoker, d / "1" / "dalle" / "vqgan" / "detoker.pt")
+    dst = d / "1" / "dalle"
+    for f in (_weights(model_dir, "encoder"), _weights(model_dir, "decoder"), model_dir / "vocab.json",
+              model_dir / "merges.txt"):
+        _link_or_copy(f, dst / f.name)
+    if detoker is not None and detoker.is_dir():      # a VQGAN folder (taming / mmfast): copied beside it
+        for f in detoker.iterdir():
+            if f.is_file():
+                _link_or_copy(f, dst / "vqgan" / f.name)
+    elif detoker is not None:
+        _link_or_copy(detoker, dst / "vqgan" / "detoker.pt")
+    if config:                                        # config.json, its VQGAN now the copy beside it
+        if "vqgan" in config:
+            config = {**config, "vqgan": "vqgan"}
+        atomic_write(dst / "config.json", json.dumps(config, indent=1, ensure_ascii=False))
 
 
 def export_triton_repo(source, out_dir, *, family: str | None = None, backends=("onnxruntime",),
@@ -329,14 +347,16 @@ def export_triton_repo(source, out_dir, *, family: str | None = None, backends=(
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
             raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
     out = Path(out_dir)
+    if out.is_dir():
+        sweep(out)  # the staging folder of an export that was killed: not the user's file
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise FileExistsError(f"{out} exists and is {'a file' if not out.is_dir() else 'not empty'}: choose an "
                               "empty folder, or pass overwrite=True (--overwrite) to replace the models it "
                               "writes there")
     family = family or detect_family(source)
-    out.mkdir(parents=True, exist_ok=True)
-    repo = _Repo(out, backends, max_batch_size, queue_delay_us, instances, device, fp16)
-    with tempfile.TemporaryDirectory(prefix=".mmfast-", dir=out) as tmp:
-        {"clip": _clip, "vq": _vq, "dalle": _generator}[family](repo, source, Path(tmp))
-    repo.finish()
+    with staging_dir(out, "models") as stage:
+        repo = _Repo(out, stage, backends, max_batch_size, queue_delay_us, instances, device, fp16)
+        (stage / ".onnx").mkdir()  # the exports the towers are made of (model names cannot start with ".")
+        {"clip": _clip, "vq": _vq, "dalle": _generator}[family](repo, source, stage / ".onnx")
+        repo.finish()
     return repo.models

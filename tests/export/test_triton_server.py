@@ -394,3 +394,25 @@ def test_generator_model_runs_mmfasts_loop(dalle_dir, tmp_path, pb_utils, pb2):
     assert responses[1].outputs["tokens"].shape == (2, 256)
     with pytest.raises(TypeError, match="min-dalle's folder"):
         export_triton_repo(gen, tmp_path / "r2")
+
+
+def test_generator_with_config_json_and_vqgan_folder(tmp_path, pb_utils, pb2):
+    """mmfast's own layout (safetensors, config.json naming a VQGAN folder, unicode cleaning): the
+    repository holds a self-contained copy, and the Python model returns images too."""
+    from mmfast import load_generator
+    from mmfast.demo import weights_path
+    out = tmp_path / "repo"
+    export_triton_repo(weights_path("generator"), out, device="cpu", max_batch_size=2)
+    files = out / "dalle_generate" / "1" / "dalle"
+    assert json.loads((files / "config.json").read_text(encoding="utf-8"))["vqgan"] == "vqgan"
+    assert (files / "vqgan" / "model.safetensors").is_file() and (files / "encoder.safetensors").is_file()
+    cfg = parse_configs(out, pb2)["dalle_generate"]
+    assert [t.name for t in cfg.output] == ["tokens", "image"]
+    model = load_python_model(out / "dalle_generate")
+    [response] = model.execute([Request(prompt=_strings("синий квадрат справа"), seed=np.array([[3]]),
+                                        top_k=np.array([[8]]))])
+    assert response.error is None, response.error.message()
+    gen = load_generator(weights_path("generator"), device="cpu", dtype="fp32")
+    np.testing.assert_array_equal(response.outputs["tokens"],
+                                  gen.generate_tokens("синий квадрат справа", seed=[3], top_k=8).numpy())
+    assert response.outputs["image"].shape == (1, 32, 32, 3)
