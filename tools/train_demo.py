@@ -1,11 +1,13 @@
 """Train mmfast's built-in demo models on this CPU: a tiny CLIP, VQGAN and DALL·E-style generator.
 
-    python tools/train_demo.py                       # ~25 min on 2 vCPUs -> mmfast/demo/weights
+    python tools/train_demo.py                       # ~31 min on 2 vCPUs (Zen 5) -> mmfast/demo/weights
     python tools/train_demo.py --out /tmp/demo       # anywhere else
     python tools/train_demo.py --smoke --out /tmp/s  # seconds: every stage, a few steps (tests)
 
 Data: `mmfast.demo.data` (coloured shapes, English and Russian captions), drawn fresh every step
-from seeds, never the held-out (colour, shape, position) triples. The models are mmfast's own
+from seeds, never the held-out (colour, shape, position) triples. Stages run VQGAN, CLIP, generator:
+a quarter of each CLIP batch shows VQGAN-decoded pictures (the CLIP reranks and judges the
+generator's decoded images), and the generator learns the shipped VQGAN's tokens. The models are mmfast's own
 classes; the files are the layouts the ordinary loaders read:
 
 - clip/: a Hugging Face CLIPModel folder (config.json, model.safetensors) with a byte-level BPE
@@ -55,19 +57,21 @@ from mmfast.vqgan.model import VQGAN  # noqa: E402
 @dataclass(frozen=True)
 class Plan:
     """Steps and batch sizes per stage (the architectures are fixed: see the build_* functions)."""
-    clip_steps: int = 3000
+    clip_steps: int = 1800
     clip_batch: int = 128
     clip_lr: float = 2e-3
-    vq_steps: int = 4000
+    clip_decoded: int = 8192   # scenes passed through the trained VQGAN once; a quarter of each CLIP batch
+    vq_steps: int = 2400
     vq_batch: int = 64
     vq_lr: float = 2e-3
-    gen_steps: int = 3000
+    gen_steps: int = 2500
     gen_batch: int = 128
     gen_lr: float = 2e-3
     gen_pool: int = 16384      # training scenes tokenized once by the trained VQGAN
 
 
-SMOKE = Plan(clip_steps=3, clip_batch=16, vq_steps=3, vq_batch=8, gen_steps=3, gen_batch=16, gen_pool=64)
+SMOKE = Plan(clip_steps=3, clip_batch=16, clip_decoded=32, vq_steps=3, vq_batch=8, gen_steps=3, gen_batch=16,
+             gen_pool=64)
 
 
 class Log:
@@ -179,14 +183,43 @@ def _positives(s: data.Scenes, mentions) -> torch.Tensor:
     return fit
 
 
-def train_clip(out: Path, plan: Plan, log: Log, seed: int) -> None:
+def _cat(a: data.Scenes, b: data.Scenes) -> data.Scenes:
+    return data.Scenes(*(torch.cat([getattr(a, f), getattr(b, f)]) for f in data.Scenes.__dataclass_fields__))
+
+
+def _take(s: data.Scenes, idx: torch.Tensor) -> data.Scenes:
+    return data.Scenes(*(getattr(s, f)[idx] for f in data.Scenes.__dataclass_fields__))
+
+
+def decoded_scenes(vq_model: VQGAN | None, n: int, seed: int) -> data.Scenes | None:
+    """`n` training scenes whose pictures went through the VQGAN (encode -> decode, uint8): the
+    pictures the generator's images will look like, so that the CLIP that reranks and judges them
+    has seen the decoder's softening of small shapes."""
+    if vq_model is None or n == 0:
+        return None
+    s = data.sample(n, seed=seed)
+    with torch.no_grad():
+        vq_model.quantize.refresh()
+        px = torch.cat([vq_model.decode(vq_model.encode(s.pixels()[i:i + 512] * 2 - 1))
+                        for i in range(0, n, 512)])
+    images = ((px.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return data.Scenes(s.colour, s.shape, s.position, s.size, s.background, s.offset, images)
+
+
+def train_clip(out: Path, plan: Plan, log: Log, seed: int, vq_model: VQGAN | None = None) -> None:
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(out)
     model = build_clip(tokenizer.vocab_size, tokenizer.eot_id).train()
     opt = _optimizer(model, plan.clip_lr, wd=0.05)
+    decoded = decoded_scenes(vq_model, plan.clip_decoded, seed * 4_000_003)
+    rng = torch.Generator().manual_seed(seed + 4)
     bar = tqdm(range(plan.clip_steps), desc="clip", mininterval=2)
     for step in bar:
         s = data.sample(plan.clip_batch, seed=seed * 1_000_003 + step)
+        if decoded is not None:      # a quarter of the batch: VQGAN-decoded pictures
+            k = plan.clip_batch // 4
+            s = _cat(_take(s, torch.arange(plan.clip_batch - k)),
+                     _take(decoded, torch.randint(0, len(decoded), (k,), generator=rng)))
         text, mentions = data.captions(s, "mix", seed=seed * 1_000_003 + step, return_mentions=True)
         img = F.normalize(model.encode_image(_clip_pixels(s.images)), dim=-1)
         txt = F.normalize(model.encode_text(tokenizer(text)), dim=-1)
@@ -348,28 +381,40 @@ GEN_TEXT_TOKENS = 24
 
 
 def build_dalle_tokenizer(out: Path) -> DalleTokenizer:
-    """A BART-style BPE (words prefixed by "Ġ", raw ASCII characters) learned on the English captions
-    (min-dalle's text cleaning keeps ASCII only) until every word is one token."""
+    """A BART-style BPE (words prefixed by "Ġ", raw characters, no byte mapping) learned on the
+    captions of both languages until every word is one token. min-dalle's own cleaning keeps ASCII
+    only, so the folder's config.json says `"text_cleaning": "unicode"` (NFC, lower-case, Cyrillic
+    kept) and the loader builds the tokenizer with that cleaning."""
     import string
 
     from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers.models import BPE
     from tokenizers.trainers import BpeTrainer
 
+    from mmfast.dalle.tokenizer import clean_unicode
+
     space = chr(ord(" ") + 256)
     tok = Tokenizer(BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    alphabet = sorted(set(string.ascii_lowercase + string.digits + string.punctuation)) + [space]
-    trainer = BpeTrainer(vocab_size=2000, min_frequency=1, show_progress=False, special_tokens=list(_SPECIALS),
+    cyrillic = [chr(c) for c in range(ord("а"), ord("я") + 1)] + ["ё"]
+    alphabet = sorted(set(string.ascii_lowercase + string.digits + string.punctuation) | set(cyrillic)) + [space]
+    trainer = BpeTrainer(vocab_size=3000, min_frequency=1, show_progress=False, special_tokens=list(_SPECIALS),
                          initial_alphabet=alphabet)
-    lines = [" ".join(space + w for w in t.lower().split()) for t in data.corpus("en")]
-    tok.train_from_iterator(lines, trainer)
+    corpus = [clean_unicode(t) for t in data.corpus("en") + data.corpus("ru")]
+    tok.train_from_iterator([" ".join(space + w for w in t.split(" ") if w) for t in corpus], trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps(model["vocab"]), encoding="utf-8")
+    (out / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
-    return DalleTokenizer.from_files(out / "vocab.json", out / "merges.txt", text_tokens=GEN_TEXT_TOKENS)
+    tokenizer = DalleTokenizer.from_files(out / "vocab.json", out / "merges.txt", text_tokens=GEN_TEXT_TOKENS,
+                                          cleaning="unicode")
+    words = {w for t in corpus for w in t.split(" ") if w}
+    split = sorted(w for w in words if len(tokenizer.tokenize(w)) != 3)
+    assert not split, f"words not learned as one token: {split[:10]}"
+    longest = max(len(tokenizer.tokenize(t)) for t in corpus)
+    assert longest <= GEN_TEXT_TOKENS, f"a caption needs {longest} > {GEN_TEXT_TOKENS} text tokens"
+    return tokenizer
 
 
 def build_generator(text_vocab: int) -> tuple[DalleEncoder, DalleDecoder]:
@@ -433,9 +478,8 @@ def train_generator(out: Path, vq_model: VQGAN, plan: Plan, log: Log, seed: int)
     bar = tqdm(range(plan.gen_steps), desc="generator", mininterval=2)
     for step in bar:
         idx = torch.randint(0, len(pool), (plan.gen_batch,), generator=rng)
-        scenes = data.Scenes(*(getattr(pool, f)[idx] for f in ("colour", "shape", "position", "size",
-                                                                "background", "offset", "images")))
-        rows = tokenizer(data.captions(scenes, "en", seed=seed * 3_000_003 + step))   # (N, 2, T)
+        scenes = _take(pool, idx)
+        rows = tokenizer(data.captions(scenes, "mix", seed=seed * 3_000_003 + step))  # (N, 2, T)
         drop = torch.rand(plan.gen_batch, generator=rng) < 0.15     # unconditioned row: learns guidance
         text = torch.where(drop[:, None], rows[:, 0], rows[:, 1])
         target = codes[idx]                                           # (N, 16)
@@ -459,7 +503,7 @@ def train_generator(out: Path, vq_model: VQGAN, plan: Plan, log: Log, seed: int)
     (out / "config.json").write_text(json.dumps({
         "comment": "mmfast demo generator (tools/train_demo.py); shapes give the rest of DalleConfig",
         "heads": c.heads, "codebook_size": c.codebook_size, "start_token": c.start_token,
-        "text_pad_token": c.text_pad_token, "vqgan": "../vq"}, indent=1))
+        "text_pad_token": c.text_pad_token, "text_cleaning": "unicode", "vqgan": "../vq"}, indent=1))
 
 
 # ---- main --------------------------------------------------------------------------------------------
@@ -484,7 +528,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="a few steps per stage (seconds): the trainer's test")
-    p.add_argument("--stages", default="clip,vq,generator",
+    p.add_argument("--stages", default="vq,clip,generator",
                    help="comma-separated subset; later stages read earlier ones' files from --out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -492,23 +536,25 @@ def main(argv=None) -> dict:
     stages = args.stages.split(",")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    log = Log(out / ("train_log.jsonl" if stages == ["clip", "vq", "generator"] else f"train_log.{'-'.join(stages)}.jsonl"))
+    log = Log(out / ("train_log.jsonl" if stages == ["vq", "clip", "generator"] else f"train_log.{'-'.join(stages)}.jsonl"))
     times = {}
     t0 = time.perf_counter()
-    if "clip" in stages:
-        train_clip(out / "clip", plan, log, args.seed)
-        times["clip_s"] = time.perf_counter() - t0
-    t = time.perf_counter()
     if "vq" in stages:
         train_vq(out / "vq", plan, log, args.seed)
-        times["vq_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    if "generator" in stages:
-        # the generator learns the tokens of the VQGAN as shipped (fp16-rounded), read back from its file
+        times["vq_s"] = time.perf_counter() - t0
+    vq_model = None
+    if "clip" in stages or "generator" in stages:
+        # later stages see the VQGAN as shipped (fp16-rounded), read back from its file
         from mmfast.vqgan.load import load_into, load_vq_checkpoint
         cfg, sd = load_vq_checkpoint(out / "vq")
         vq_model = VQGAN(cfg).eval()
         load_into(vq_model, sd, str(out / "vq"))
+    t = time.perf_counter()
+    if "clip" in stages:
+        train_clip(out / "clip", plan, log, args.seed, vq_model)
+        times["clip_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if "generator" in stages:
         train_generator(out / "generator", vq_model, plan, log, args.seed)
         times["generator_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - t0
@@ -532,7 +578,7 @@ def measure(out: Path, smoke: bool = False) -> dict:
         return {"zero_shot_accuracy_en": evaluate.zero_shot_accuracy(clip, "en", n=16),
                 "zero_shot_accuracy_ru": evaluate.zero_shot_accuracy(clip, "ru", n=16),
                 "vq_psnr_db": evaluate.reconstruction_psnr(vq, n=8),
-                "generation_accuracy": evaluate.generation_accuracy(gen, clip, n=1)}
+                "generation_accuracy": evaluate.generation_accuracy(gen, clip, n=2, rounds=1)}
     return {**evaluate.evaluate_all(clip, vq, gen), "sampling": evaluate.SAMPLING}
 
 

@@ -19,6 +19,7 @@ Example
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -250,13 +251,20 @@ def captions(scenes: Scenes, lang: str, seed: int, *, return_mentions: bool = Fa
     return (out, mentions) if return_mentions else out
 
 
+@functools.lru_cache(maxsize=2)
+def _corpus(lang: str) -> tuple[str, ...]:
+    grid = np.array(np.meshgrid(*(np.arange(len(a)) for a in (COLOURS, SHAPES, POSITIONS, SIZES, BACKGROUNDS)),
+                                indexing="ij")).reshape(5, -1)           # every attribute combination
+    scenes = make(*grid)
+    texts = [t for seed in range(8) for t in captions(scenes, lang, seed=seed)]
+    return tuple(texts + labels(lang) + [describe(*(int(a) for a in row), lang=lang) for row in grid.T])
+
+
 def corpus(lang: str) -> list[str]:
-    """Every word form the captions of `lang` use, one caption-like line per form (tokenizer training)."""
+    """Captions of every attribute combination in `lang` (8 draws each), the bare labels and the plain
+    descriptions: every word form the captions use (tokenizer training)."""
     _check_lang(lang)
-    scenes = sample(4000, seed=12345, split="all")
-    return captions(scenes, lang, seed=12345) + labels(lang) + [
-        describe(c, s, p, z, b, lang) for c in range(4) for s in range(4) for p in range(5)
-        for z in range(2) for b in range(3)]
+    return list(_corpus(lang))
 
 
 # ---- evaluation sets ---------------------------------------------------------------------------------

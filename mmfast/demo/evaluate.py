@@ -22,7 +22,7 @@ from ..vqgan.runtime import psnr
 # the prompt (min-dalle's top_k=256, guidance=16 suit a 16384-code model, not a 256-code one).
 SAMPLING = {"top_k": 8, "temperature": 1.0, "guidance": 3.0}
 
-_SEEDS = {"zero_shot": 1001, "psnr": 1002, "generation": 1003}
+_SEEDS = {"zero_shot": 1001, "psnr": 1002, "generation": 1003, "search": 1004}
 
 
 def predict(clip, images, lang: str = "en") -> torch.Tensor:
@@ -50,22 +50,65 @@ def reconstruction_psnr(vq, n: int = 256, seed: int = _SEEDS["psnr"]) -> float:
     return psnr(out, px)
 
 
-def generate_heldout(gen, n: int = 4, seed: int = _SEEDS["generation"], vq=None, **sampling):
-    """Images for every held-out prompt (`data.heldout_prompts("en")`, n each): (uint8 images
-    [16 * n, 32, 32, 3], target classes int64 [16 * n], prompts). `sampling` overrides `SAMPLING`."""
+def seen_prompts(lang: str = "en") -> list[tuple[str, int, int]]:
+    """The validation prompts: one training-split (colour, shape, position) triple per (colour,
+    shape) pair, in `heldout_prompts`' format (the generator saw these combinations)."""
+    return [(data.describe(c, s, (c + 2 * s + 1) % len(data.POSITIONS), lang=lang), c, s)
+            for c in range(len(data.COLOURS)) for s in range(len(data.SHAPES))]
+
+
+def generate_heldout(gen, n: int = 4, seed: int = _SEEDS["generation"], vq=None, lang: str = "en",
+                     split: str = "heldout", **sampling):
+    """Images for every held-out prompt (`data.heldout_prompts(lang)`; split="seen": `seen_prompts`),
+    n each: (uint8 images [16 * n, 32, 32, 3], target classes int64 [16 * n], prompts). `sampling`
+    overrides `SAMPLING`."""
     vq = vq if vq is not None else gen.vq
-    prompts = data.heldout_prompts("en")
+    prompts = data.heldout_prompts(lang) if split == "heldout" else seen_prompts(lang)
     tokens = gen.generate_tokens([p for p, _, _ in prompts], n=n, seed=seed, **{**SAMPLING, **sampling})
     images = vq.decode(tokens, batch_size=64)
     target = torch.tensor([c * len(data.SHAPES) + s for _, c, s in prompts]).repeat_interleave(n)
     return images, target, [p for p, _, _ in prompts]
 
 
-def generation_accuracy(gen, clip, n: int = 4, seed: int = _SEEDS["generation"], vq=None, **sampling) -> float:
-    """Share of images generated for the held-out prompts that the CLIP classifies as the prompt's
-    colour and shape (English bare labels)."""
-    images, target, _ = generate_heldout(gen, n=n, seed=seed, vq=vq, **sampling)
-    return float((predict(clip, images, "en") == target).float().mean())
+def rerank(clip, images, prompts: list[str], n: int) -> torch.Tensor:
+    """The DALL·E pipeline's last step: of each prompt's `n` candidates (`images` uint8
+    [P * n, S, S, 3], prompt-major), the index of the one the CLIP scores highest against its
+    prompt: int64 [P] (into 0..n-1)."""
+    P = len(prompts)
+    sim = clip.similarity(images.numpy() if isinstance(images, torch.Tensor) else images, list(prompts))
+    own = sim.view(P, n, P)[torch.arange(P), :, torch.arange(P)]        # (P, n): candidate vs its own prompt
+    return own.argmax(1)
+
+
+def generation_accuracy(gen, clip, n: int = 8, rounds: int = 3, seed: int = _SEEDS["generation"], vq=None,
+                        lang: str = "en", reranked: bool = True, split: str = "heldout", **sampling) -> float:
+    """Share of images generated for the held-out prompts in `lang` ("en" or "ru") that the CLIP
+    classifies as the prompt's colour and shape (English bare labels), over `rounds` seeds.
+
+    reranked=True (the DALL·E pipeline, what `mmfast demo` shows): `n` candidates per prompt, the
+    one the CLIP ranks first against the prompt is the prompt's image. reranked=False: every
+    candidate counts (the generator's raw hit rate). split="seen": the validation prompts instead
+    (`seen_prompts`: combinations the generator was trained on)."""
+    hits = []
+    for r in range(rounds):
+        images, target, prompts = generate_heldout(gen, n=n, seed=seed + 7919 * r, vq=vq, lang=lang, split=split,
+                                                    **sampling)
+        if reranked:
+            best = rerank(clip, images, prompts, n)
+            images = images.view(len(prompts), n, *images.shape[1:])[torch.arange(len(prompts)), best]
+            target = target.view(len(prompts), n)[:, 0]
+        hits.append(predict(clip, images, "en") == target)
+    return float(torch.cat(hits).float().mean())
+
+
+def search_precision(clip, lang: str = "en", k: int = 5, seed: int = _SEEDS["search"]) -> float:
+    """Text -> image search over `data.gallery` (256 scenes) with a `SimilarityIndex`: the share of
+    the top `k` results that show the query's colour and shape, over the 16 bare labels of `lang`."""
+    from ..index import SimilarityIndex
+    scenes, _ = data.gallery(seed=seed, n=256)
+    index = SimilarityIndex(clip.encode_images(scenes.images.numpy()))
+    _, ids = index.search(clip.encode_texts(data.labels(lang)), k=k)      # (16, k)
+    return float((scenes.label[ids] == torch.arange(len(data.labels(lang)))[:, None]).float().mean())
 
 
 def evaluate_all(clip, vq, gen) -> dict[str, float]:
@@ -73,6 +116,13 @@ def evaluate_all(clip, vq, gen) -> dict[str, float]:
     return {
         "zero_shot_accuracy_en": zero_shot_accuracy(clip, "en"),
         "zero_shot_accuracy_ru": zero_shot_accuracy(clip, "ru"),
+        "search_precision_at_5_en": search_precision(clip, "en"),
+        "search_precision_at_5_ru": search_precision(clip, "ru"),
         "vq_psnr_db": reconstruction_psnr(vq),
         "generation_accuracy": generation_accuracy(gen, clip, vq=vq),
+        "generation_accuracy_ru": generation_accuracy(gen, clip, vq=vq, lang="ru"),
+        "generation_raw_hit_rate": generation_accuracy(gen, clip, vq=vq, reranked=False),
+        "generation_raw_hit_rate_ru": generation_accuracy(gen, clip, vq=vq, lang="ru", reranked=False),
+        "generation_accuracy_seen": generation_accuracy(gen, clip, vq=vq, split="seen"),
+        "generation_accuracy_seen_ru": generation_accuracy(gen, clip, vq=vq, lang="ru", split="seen"),
     }
