@@ -249,10 +249,15 @@ def pack_weight(weight, fmt: str) -> nn.Module:
     """
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"weight format {fmt!r} is not one of {', '.join(WEIGHT_FORMATS)}")
-    if fmt in ("fp32", "fp16") and not has_fbgemm():
+    if fmt in ("fp32", "fp16"):
+        w = _as_weight(weight)
+        beyond = bool(w.numel()) and (not bool(torch.isfinite(w).all()) or float(w.abs().max()) > 65504)
+        if fmt == "fp16" and beyond:
+            raise ValueError("weights: values beyond fp16's range (|w| > 65504, or inf / NaN) cannot be stored as "
+                             "fp16; use dtype='fp32'")
+    if fmt in ("fp32", "fp16") and (not has_fbgemm() or beyond):  # fp32 beyond fp16's range: plain fp32 GEMM
         if fmt == "fp16":
             raise ValueError("fp16 weights on the CPU need torch's fbgemm kernels (x86); use 'fp32' or 'bf16'")
-        w = _as_weight(weight)
         lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
         lin.weight = nn.Parameter(w, requires_grad=False)
         return lin

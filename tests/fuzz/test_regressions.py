@@ -223,3 +223,15 @@ def test_devices_torch_cannot_run_models_on_are_refused():
     for device in ("meta", "xpu"):
         with pytest.raises(ValueError, match=f"device='{device}' is not supported"):
             resolve_device(device)
+
+
+def test_weights_beyond_fp16_range_pack_as_plain_fp32():
+    """A (bit-flipped) checkpoint with |w| > 65504: the default fp32 mode's fp16 hi/lo pairs cannot
+    hold it; it falls back to the plain fp32 GEMM (same results), and fp16 weights are refused."""
+    from mmfast.quantize import pack_weight
+    w = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    w[2, 3] = 1e30
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(pack_weight(w, "fp32")(x), x @ w.t())
+    with pytest.raises(ValueError, match="weights: values beyond fp16's range .* use dtype='fp32'"):
+        pack_weight(w, "fp16")
