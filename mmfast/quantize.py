@@ -261,4 +261,4 @@ def pack_weight(weight, fmt: str) -> nn.Module:
         lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
         lin.weight = nn.Parameter(w, requires_grad=False)
         return lin
-    return WEIGHT_FORMATS[fmt](weight)
+    return WEIGHT_FORMATS[fmt](w if fmt in ("fp32", "fp16") else weight)   # w: converted once above
