@@ -100,9 +100,40 @@ def test_other_layouts_and_grad_take_the_reference():
     strided = x.transpose(2, 3)                            # neither contiguous nor channels-last
     torch.testing.assert_close(kernels.group_norm_silu(strided, w, b, groups=8, eps=1e-5).double(),
                                truth.transpose(2, 3), **TOL[torch.float32])
-    xg = x.clone().requires_grad_(True)
-    kernels.group_norm_silu(xg, w, b, groups=8, eps=1e-5).sum().backward()
-    assert xg.grad is not None and xg.grad.shape == x.shape
+    for fmt in (torch.contiguous_format, CL):           # training: torch's differentiable ops, same values
+        xg = x.clone().contiguous(memory_format=fmt).requires_grad_(True)
+        y = kernels.group_norm_silu(xg, w, b, groups=8, eps=1e-5)
+        torch.testing.assert_close(y.detach().double(), truth, **TOL[torch.float32])
+        y.sum().backward()
+        assert xg.grad is not None and xg.grad.shape == x.shape
+        assert torch.isfinite(xg.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("shape", [(2, 32, 10, 12, 8), (1, 24, 7, 1, 3), (3, 16, 1, 1, 8)])
+def test_training_path_gradients_match_fp64(shape, silu, dtype):
+    """With grad enabled (the VQGAN trainer, bf16 autocast included) the values and the gradients of
+    x, weight and bias match fp64 autograd; a bf16 x keeps its dtype (no fp32 round trip)."""
+    *dims, groups = shape
+    x, w, b = _data(tuple(dims), dtype, torch.contiguous_format, seed=3)
+    gy = torch.randn(dims, generator=torch.Generator().manual_seed(4))
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        y = kernels.group_norm_silu(*leaves, groups=groups, eps=1e-6, silu=silu)
+    assert y.dtype == dtype
+    (y.float() * gy).sum().backward()
+    ref64 = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
+    truth = F.group_norm(ref64[0], groups, ref64[1], ref64[2], 1e-6)
+    truth = F.silu(truth) if silu else truth
+    (truth * gy.double()).sum().backward()
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y.detach().double(), truth.detach(), **tol)
+    torch.testing.assert_close(leaves[0].grad.double(), ref64[0].grad, **tol)
+    if dtype == torch.bfloat16:   # weight / bias grads sum B*H*W bf16-rounded terms: error grows ~ sqrt(terms)
+        tol = dict(atol=0.01 * (dims[0] * dims[2] * dims[3]) ** 0.5, rtol=2e-2)
+    for got, want in zip(leaves[1:], ref64[1:]):
+        torch.testing.assert_close(got.grad.double(), want.grad, **tol)
 
 
 def test_validation():
