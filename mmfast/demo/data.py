@@ -131,6 +131,23 @@ def sample(n: int, seed: int, split: str = "train") -> Scenes:
     return make(tri[:, 0], tri[:, 1], tri[:, 2], size, bg, offset)
 
 
+def every(split: str = "train") -> Scenes:
+    """Every distinct scene of `split`: all (triple, size, background, jitter) combinations, once
+    each (9,600 for "train", 2,400 for "heldout"). A uniform draw of these rows has `sample`'s
+    distribution, so trainers render them once instead of every step (cached: a fresh copy per call)."""
+    e = _every(split)
+    return Scenes(*(getattr(e, f).clone() for f in Scenes.__dataclass_fields__))
+
+
+@functools.lru_cache(maxsize=3)
+def _every(split: str) -> Scenes:
+    j = np.arange(-_JITTER, _JITTER + 1)
+    tri, size, bg, dx, dy = (a.reshape(-1) for a in np.meshgrid(
+        np.arange(len(_triples(split))), np.arange(len(SIZES)), np.arange(len(BACKGROUNDS)), j, j, indexing="ij"))
+    tri = _triples(split)[tri]
+    return make(tri[:, 0], tri[:, 1], tri[:, 2], size, bg, np.stack([dx, dy], 1))
+
+
 def make(colour, shape, position, size, background, offset=None) -> Scenes:
     """Scenes with the given attribute indices (array-likes of length N); offset [N, 2] defaults to 0."""
     colour, shape, position, size, background = (np.asarray(a, np.int64).reshape(-1)
