@@ -9,7 +9,7 @@ scene (`data.every`, 9,600: never the held-out (colour, shape, position) triples
 seeded uniform draws of them per step, fresh captions per step. Stages run VQGAN, CLIP, generator:
 a quarter of each CLIP batch shows VQGAN-decoded pictures (the CLIP reranks and judges the
 generator's decoded images), and the generator learns the shipped VQGAN's tokens. The models are mmfast's own
-classes; the files are the layouts the ordinary loaders read:
+classes; the files (written by tools/demo_layouts.py) are the layouts the ordinary loaders read:
 
 - clip/: a Hugging Face CLIPModel folder (config.json, model.safetensors) with a byte-level BPE
   tokenizer trained here on the captions of both languages (vocab.json, merges.txt);
@@ -40,7 +40,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -55,6 +54,7 @@ from mmfast.vqgan.config import VQConfig  # noqa: E402
 from mmfast.vqgan.model import VQGAN  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_layouts import save_clip, save_generator, save_vq  # noqa: E402
 from demo_tokenizers import (CLIP_CONTEXT, GEN_TEXT_TOKENS, build_clip_tokenizer,  # noqa: E402,F401
                              build_dalle_tokenizer)
 
@@ -182,8 +182,8 @@ def decoded_scenes(vq_model: VQGAN | None, n: int, seed: int) -> data.Scenes | N
     n = len(s)
     with torch.no_grad():
         vq_model.quantize.refresh()
-        px = torch.cat([vq_model.decode(vq_model.encode(s.pixels()[i:i + 512] * 2 - 1))
-                        for i in range(0, n, 512)])
+        x = s.pixels() * 2 - 1
+        px = torch.cat([vq_model.decode(vq_model.encode(x[i:i + 512])) for i in range(0, n, 512)])
     images = ((px.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return data.Scenes(s.colour, s.shape, s.position, s.size, s.background, s.offset, images)
 
@@ -221,59 +221,6 @@ def train_clip(out: Path, plan: Plan, log: Log, seed: int, vq_model: VQGAN | Non
             log(stage="clip", step=step, loss=loss.item(), logit_scale=model.logit_scale.exp().item())
             bar.set_postfix(loss=f"{loss.item():.3f}")
     save_clip(model.eval(), out)
-
-
-def _to_hf_names(sd: dict) -> dict:
-    """mmfast / OpenAI CLIP names -> Hugging Face CLIPModel names (the inverse of clip.load's map)."""
-    from mmfast.clip.load import _HF_LAYER, _HF_TOP
-    top = {v: k for k, v in _HF_TOP.items()}
-    layer = {v: k for k, v in _HF_LAYER.items()}
-    out = {}
-    for k, v in sd.items():
-        if k in ("visual.proj", "text_projection"):
-            out["visual_projection.weight" if k == "visual.proj" else "text_projection.weight"] = v.t().contiguous()
-            continue
-        name = next((top[t] + k[len(t):] for t in top if k == t or k.startswith(t + ".")), None)
-        if name is None:
-            tower = "vision_model" if k.startswith("visual.") else "text_model"
-            i, sub = k.split("transformer.resblocks.")[1].split(".", 1)
-            prefix = f"{tower}.encoder.layers.{i}."
-            if sub.startswith("attn.in_proj."):
-                kind = sub.rsplit(".", 1)[1]
-                for proj, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3)):
-                    out[f"{prefix}self_attn.{proj}.{kind}"] = part.contiguous()
-                continue
-            ours = next(o for o in layer if sub.startswith(o + "."))
-            name = prefix + layer[ours] + sub[len(ours):]
-        out[name] = v.contiguous()
-    return out
-
-
-def save_clip(model: CLIP, out: Path) -> None:
-    c = model.cfg
-    tok = json.loads((out / "tokenizer_config.json").read_text())
-    vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
-    save_file(_fp16(_to_hf_names(model.state_dict())), out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps({
-        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": c.embed_dim,
-        "logit_scale_init_value": 2.6592,
-        "text_config": {"vocab_size": c.text.vocab_size, "hidden_size": c.text.width,
-                        "intermediate_size": c.text.mlp_dim, "num_hidden_layers": c.text.layers,
-                        "num_attention_heads": c.text.heads, "max_position_embeddings": c.text.context_length,
-                        "hidden_act": c.act, "layer_norm_eps": c.layer_norm_eps, "projection_dim": c.embed_dim,
-                        "bos_token_id": vocab[tok["bos_token"]], "eos_token_id": vocab[tok["eos_token"]],
-                        "pad_token_id": vocab[tok["pad_token"]]},
-        "vision_config": {"image_size": c.vision.image_size, "patch_size": c.vision.patch_size,
-                          "hidden_size": c.vision.width, "intermediate_size": c.vision.mlp_dim,
-                          "num_hidden_layers": c.vision.layers, "num_attention_heads": c.vision.heads,
-                          "num_channels": 3, "hidden_act": c.act, "layer_norm_eps": c.layer_norm_eps,
-                          "projection_dim": c.embed_dim},
-    }, indent=1))
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": data.SIZE},
-        "resample": 3, "do_center_crop": True, "crop_size": {"height": data.SIZE, "width": data.SIZE},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(OPENAI_MEAN), "image_std": list(OPENAI_STD), "do_convert_rgb": True}, indent=1))
 
 
 # ---- VQGAN -----------------------------------------------------------------------------------------
@@ -358,16 +305,7 @@ def train_vq(out: Path, plan: Plan, log: Log, seed: int) -> None:
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{10 * math.log10(1 / max(mse01, 1e-10)):.1f}")
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
-    save_file(_fp16(model.state_dict()), out / "model.safetensors")
-    c = VQ_CONFIG
-    (out / "model.yaml").write_text(
-        "# mmfast demo VQGAN (tools/train_demo.py): taming's VQModel config layout\n"
-        "model:\n  target: taming.models.vqgan.VQModel\n  params:\n"
-        f"    embed_dim: {c.embed_dim}\n    n_embed: {c.n_embed}\n    ddconfig:\n      double_z: false\n"
-        f"      z_channels: {c.z_channels}\n      resolution: {c.resolution}\n      in_channels: 3\n"
-        f"      out_ch: 3\n      ch: {c.ch}\n      ch_mult: {list(c.ch_mult)}\n"
-        f"      num_res_blocks: {c.num_res_blocks}\n      attn_resolutions: {list(c.attn_resolutions)}\n"
-        "      dropout: 0.0\n", encoding="utf-8")
+    save_vq(model, out)
 
 
 # ---- generator ---------------------------------------------------------------------------------------
@@ -422,8 +360,8 @@ def train_generator(out: Path, vq_model: VQGAN, plan: Plan, log: Log, seed: int)
     pool = _Pool(seed * 3_000_003).subset(plan.gen_pool)
     with torch.no_grad():                                       # the scenes' tokens, once: (P, 16)
         vq_model.quantize.refresh()
-        codes = torch.cat([vq_model.encode(pool.pixels()[i:i + 512] * 2 - 1)
-                           for i in range(0, len(pool), 512)]).flatten(1)
+        x = pool.pixels() * 2 - 1
+        codes = torch.cat([vq_model.encode(x[i:i + 512]) for i in range(0, len(pool), 512)]).flatten(1)
     enc, dec = build_generator(max(json.loads((out / "vocab.json").read_text()).values()) + 1)
     enc.train(), dec.train()
     params = list(enc.parameters()) + list(dec.parameters())
@@ -451,21 +389,10 @@ def train_generator(out: Path, vq_model: VQGAN, plan: Plan, log: Log, seed: int)
     enc.eval(), dec.eval()
     gap = _check_step_parity(enc, dec, text[:4], target[:4])
     assert gap < 1e-3, f"teacher-forced logits differ from DalleDecoder.step by {gap}"
-    save_file(_fp16(enc.state_dict()), out / "encoder.safetensors")
-    save_file(_fp16(dec.state_dict()), out / "decoder.safetensors")
-    c = dec.cfg
-    (out / "config.json").write_text(json.dumps({
-        "comment": "mmfast demo generator (tools/train_demo.py); shapes give the rest of DalleConfig",
-        "heads": c.heads, "codebook_size": c.codebook_size, "start_token": c.start_token,
-        "text_pad_token": c.text_pad_token, "text_cleaning": "unicode", "vqgan": "../vq"}, indent=1))
+    save_generator(enc, dec, out)
 
 
 # ---- main --------------------------------------------------------------------------------------------
-def _fp16(sd: dict) -> dict:
-    """Float tensors stored as fp16 (the loaders copy them into fp32 parameters): half the bytes."""
-    return {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous() for k, v in sd.items()}
-
-
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
